@@ -1,0 +1,6 @@
+"""rrhf_fast: RRHF preference alignment with fused kernels and prefix-shared candidates."""
+
+from rrhf_fast import reference
+from rrhf_fast.reference import RRHFOutput
+
+__all__ = ["RRHFOutput", "reference"]
