@@ -1,0 +1,325 @@
+"""The public RRHF loss: argument checks, backend dispatch and the autograd.Functions.
+
+Every backend computes the loss in two differentiable steps:
+
+    logp   = LinearLogprobFunction(hidden, weight, bias, targets)    # [N], no [N, V] tensor kept
+             (or LogprobFunction(logits, targets) when logits are given)
+    output = RankFunction(logp, cu_seqlens, rewards, cu_groups)      # loss, rank_loss, sft_loss, scores
+
+The first step is the expensive one (matmuls over the vocabulary); the second is O(N + sum_g k_g^2). Each
+Function calls six plain functions with the same names and signatures in `rrhf_fast.kernels` (Triton) and
+`rrhf_fast.chunked` (pure PyTorch); backend="reference" calls `rrhf_fast.reference` instead.
+"""
+
+import math
+import os
+from types import ModuleType
+
+import torch
+
+from rrhf_fast import chunked, reference
+from rrhf_fast.reference import RRHFOutput
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+SFT_REDUCTIONS = ("mean", "sum")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks at the public boundary: each error says what is wrong and what to change.
+
+
+def _check_index(name, offsets, total, what):
+    if offsets.dim() != 1 or offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a 1-D int32 or int64 tensor of offsets, got {offsets.dtype} {tuple(offsets.shape)}")
+    if offsets.numel() < 2:
+        raise ValueError(f"{name} must hold at least two offsets ([0, end]), got {offsets.numel()}")
+    values = offsets.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    if values[-1] != total:
+        raise ValueError(f"{name} must end at the number of {what} ({total}), got {values[-1]}")
+    for i in range(len(values) - 1):
+        if values[i + 1] <= values[i]:
+            raise ValueError(
+                f"{name} must be strictly increasing: entry {i} ({values[i]} -> {values[i + 1]}) is empty; "
+                f"every {'candidate needs at least one token' if what == 'tokens' else 'group needs at least one candidate'}"
+            )
+
+
+def _check_options(length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend):
+    for name, value in (("rank_weight", rank_weight), ("sft_weight", sft_weight), ("margin", margin)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    if not (math.isfinite(length_penalty) and length_penalty >= 0):
+        raise ValueError(f"length_penalty must be a finite number >= 0 (1 divides by the length), got {length_penalty}")
+    if sft_reduction not in SFT_REDUCTIONS:
+        raise ValueError(f"sft_reduction must be one of {SFT_REDUCTIONS}, got {sft_reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_batch(num_tokens, vocab, device, targets, cu_seqlens, rewards=None, cu_groups=None):
+    if targets.dim() != 1 or targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be a 1-D integer tensor of token ids, got {targets.dtype} {tuple(targets.shape)}")
+    if targets.numel() != num_tokens:
+        raise ValueError(f"targets has {targets.numel()} tokens but the hidden states / logits have {num_tokens} rows")
+    for name, t in (("targets", targets), ("cu_seqlens", cu_seqlens), ("rewards", rewards), ("cu_groups", cu_groups)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the hidden states / logits are on {device}; move it there")
+    if num_tokens == 0:
+        raise ValueError("the batch holds no response tokens; every candidate needs at least one token")
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"targets must lie in [0, {vocab}) (the vocabulary size), got values in [{low}, {high}]")
+    _check_index("cu_seqlens", cu_seqlens, num_tokens, "tokens")
+    if rewards is None:
+        return
+    num_candidates = cu_seqlens.numel() - 1
+    if rewards.dim() != 1 or rewards.numel() != num_candidates:
+        raise ValueError(
+            f"rewards must be 1-D with one reward per candidate ({num_candidates}, from cu_seqlens), "
+            f"got shape {tuple(rewards.shape)}"
+        )
+    if not rewards.is_floating_point() or not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards must be a floating-point tensor of finite values; drop or fix non-finite rewards")
+    _check_index("cu_groups", cu_groups, num_candidates, "candidates")
+
+
+def _check_head(hidden, weight, bias):
+    if hidden.dim() != 2 or not hidden.is_floating_point():
+        raise ValueError(f"hidden must be a 2-D floating-point tensor [N, D], got {hidden.dtype} {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, D] with D = {hidden.shape[1]} (hidden's last dim), got {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}; move one")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.device != hidden.device):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}] on {hidden.device}, got {tuple(bias.shape)} on {bias.device}")
+
+
+def _check_logits(logits):
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a 2-D floating-point tensor [N, V], got {logits.dtype} {tuple(logits.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backend choice.
+
+
+def _triton_usable(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _kernels() is not None else "torch"
+    if backend == "triton":
+        if not _triton_usable(device):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (these are on {device}); use backend='torch' on CPU, "
+                "or set TRITON_INTERPRET=1 before importing rrhf_fast to run the kernels in the interpreter"
+            )
+        if _kernels() is None:
+            raise ValueError("backend='triton' needs the triton package: pip install triton, or use backend='torch'")
+    return backend
+
+
+def _kernels() -> ModuleType | None:
+    try:
+        from rrhf_fast import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def _impl(backend: str) -> ModuleType:
+    return _kernels() if backend == "triton" else chunked
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The autograd.Functions.
+
+
+class LinearLogprobFunction(torch.autograd.Function):
+    """logp[n] = log softmax(hidden[n] @ weight.T + bias)[targets[n]], keeping only logsumexp for backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, impl):
+        logp, lse = impl.linear_logprob_fwd(hidden, weight, bias, targets)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.impl = impl
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dh, dw, db = ctx.impl.linear_logprob_bwd(
+            hidden,
+            weight,
+            bias,
+            targets,
+            lse,
+            grad_logp.contiguous(),
+            compute_dh=ctx.needs_input_grad[0],
+            compute_dw=ctx.needs_input_grad[1],
+        )
+        return dh, dw, db if ctx.needs_input_grad[2] else None, None, None
+
+
+class LogprobFunction(torch.autograd.Function):
+    """logp[n] = log softmax(logits[n])[targets[n]], keeping only logsumexp beside the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, impl):
+        logp, lse = impl.logprob_fwd(logits, targets)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.impl = impl
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        logits, targets, lse = ctx.saved_tensors
+        return ctx.impl.logprob_bwd(logits, targets, lse, grad_logp.contiguous()), None, None
+
+
+class RankFunction(torch.autograd.Function):
+    """Per-token logp -> (loss, rank_loss, sft_loss, scores); the backward gives every token's upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, logp, cu_seqlens, rewards, cu_groups, options, impl):
+        length_penalty, rank_weight, sft_weight, margin, sft_reduction = options
+        scores, rank, sft, coef, best = impl.rank_fwd(
+            logp, cu_seqlens, rewards, cu_groups, length_penalty, margin, sft_reduction
+        )
+        rank_loss, sft_loss = rank.mean(), sft.mean()
+        ctx.save_for_backward(cu_seqlens, cu_groups, coef, best)
+        ctx.options, ctx.impl = options, impl
+        return rank_weight * rank_loss + sft_weight * sft_loss, rank_loss, sft_loss, scores
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_rank_loss, grad_sft_loss, grad_scores):
+        cu_seqlens, cu_groups, coef, best = ctx.saved_tensors
+        length_penalty, rank_weight, sft_weight, margin, sft_reduction = ctx.options
+        num_groups = cu_groups.numel() - 1
+        # Scalars stay on the device as 0-d tensors: no host synchronisation in the backward.
+        rank_scale = (grad_loss * rank_weight + grad_rank_loss) / num_groups
+        sft_scale = (grad_loss * sft_weight + grad_sft_loss) / num_groups
+        grad_logp = ctx.impl.rank_bwd(
+            cu_seqlens,
+            cu_groups,
+            coef,
+            best,
+            grad_scores.contiguous(),
+            rank_scale.to(coef.dtype),
+            sft_scale.to(coef.dtype),
+            length_penalty,
+            sft_reduction,
+        )
+        return grad_logp, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The public functions.
+
+
+def _linear_logprob(hidden, weight, bias, targets, impl):
+    # A head in another dtype (fp32 master weights under bf16 autocast) is cast to the hidden states' dtype,
+    # as autocast does for a linear layer; autograd carries the gradient back through the cast.
+    weight = weight.to(hidden.dtype).contiguous()
+    bias = None if bias is None else bias.to(hidden.dtype).contiguous()
+    return LinearLogprobFunction.apply(hidden.contiguous(), weight, bias, targets.contiguous(), impl)
+
+
+def _rank(logp, cu_seqlens, rewards, cu_groups, impl, length_penalty, rank_weight, sft_weight, margin, sft_reduction):
+    options = (float(length_penalty), float(rank_weight), float(sft_weight), float(margin), sft_reduction)
+    rewards = rewards.to(logp.dtype)
+    return RRHFOutput(*RankFunction.apply(logp, cu_seqlens, rewards, cu_groups, options, impl))
+
+
+def rrhf_loss(
+    hidden,
+    weight,
+    targets,
+    cu_seqlens,
+    rewards,
+    cu_groups,
+    *,
+    bias=None,
+    length_penalty=1.0,
+    rank_weight=1.0,
+    sft_weight=1.0,
+    margin=0.0,
+    sft_reduction="mean",
+    backend="auto",
+) -> RRHFOutput:
+    """The RRHF loss of a packed batch, from hidden states and the LM head, without [N, V] logits.
+
+    hidden [N, D] (row n predicts targets[n]), weight [V, D], bias [V] or None, targets [N] int,
+    cu_seqlens [C + 1] candidate offsets into the N tokens, rewards [C], cu_groups [G + 1] group offsets into
+    the C candidates. Returns RRHFOutput(loss, rank_loss, sft_loss, scores [C]); see DESIGN.md section 2.
+    Differentiable with respect to hidden, weight and bias. backend: "auto" (triton on CUDA, torch
+    otherwise), "triton", "torch" (chunked PyTorch) or "reference" (naive PyTorch).
+    """
+    _check_options(length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend)
+    _check_head(hidden, weight, bias)
+    _check_batch(hidden.shape[0], weight.shape[0], hidden.device, targets, cu_seqlens, rewards, cu_groups)
+    options = dict(
+        length_penalty=length_penalty,
+        rank_weight=rank_weight,
+        sft_weight=sft_weight,
+        margin=margin,
+        sft_reduction=sft_reduction,
+    )
+    backend = _resolve_backend(backend, hidden.device)
+    if backend == "reference":
+        return reference.rrhf_loss(hidden, weight, targets, cu_seqlens, rewards, cu_groups, bias=bias, **options)
+    impl = _impl(backend)
+    logp = _linear_logprob(hidden, weight, bias, targets, impl)
+    return _rank(logp, cu_seqlens, rewards, cu_groups, impl, **options)
+
+
+def rrhf_loss_from_logits(
+    logits,
+    targets,
+    cu_seqlens,
+    rewards,
+    cu_groups,
+    *,
+    length_penalty=1.0,
+    rank_weight=1.0,
+    sft_weight=1.0,
+    margin=0.0,
+    sft_reduction="mean",
+    backend="auto",
+) -> RRHFOutput:
+    """The RRHF loss of a packed batch from [N, V] logits whose row n predicts targets[n]; as `rrhf_loss`."""
+    _check_options(length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend)
+    _check_logits(logits)
+    _check_batch(logits.shape[0], logits.shape[1], logits.device, targets, cu_seqlens, rewards, cu_groups)
+    options = dict(
+        length_penalty=length_penalty,
+        rank_weight=rank_weight,
+        sft_weight=sft_weight,
+        margin=margin,
+        sft_reduction=sft_reduction,
+    )
+    backend = _resolve_backend(backend, logits.device)
+    if backend == "reference":
+        return reference.rrhf_loss_from_logits(logits, targets, cu_seqlens, rewards, cu_groups, **options)
+    impl = _impl(backend)
+    logp = LogprobFunction.apply(logits.contiguous(), targets.contiguous(), impl)
+    return _rank(logp, cu_seqlens, rewards, cu_groups, impl, **options)
+
+
+def sequence_scores(hidden, weight, targets, cu_seqlens, *, bias=None, length_penalty=1.0, backend="auto"):
+    """[C] length-normalised log-probability of every candidate (the model as a reward model); differentiable."""
+    _check_options(length_penalty, 1.0, 1.0, 0.0, "mean", backend)
+    _check_head(hidden, weight, bias)
+    _check_batch(hidden.shape[0], weight.shape[0], hidden.device, targets, cu_seqlens)
+    backend = _resolve_backend(backend, hidden.device)
+    if backend == "reference":
+        return reference.sequence_scores(hidden, weight, targets, cu_seqlens, bias=bias, length_penalty=length_penalty)
+    logp = _linear_logprob(hidden, weight, bias, targets, _impl(backend))
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    candidate_of_token = torch.repeat_interleave(torch.arange(lengths.numel(), device=logp.device), lengths)
+    sums = logp.new_zeros(lengths.numel()).index_add(0, candidate_of_token, logp)
+    return sums / lengths.to(logp.dtype) ** length_penalty
