@@ -78,6 +78,16 @@ def _logits_tile(
 
 
 @triton.jit
+def _row_stats(targets, lse, grad_logp, o_n, m_n):
+    """[BLOCK_N] targets, lse and upstream gradient of a row tile. Missing rows get target -1 (matches no
+    column), lse = +inf and g = 0, so _dlogits_tile gives exactly 0 there."""
+    b_y = tl.load(targets + o_n, mask=m_n, other=-1)
+    b_lse = tl.load(lse + o_n, mask=m_n, other=float("inf"))
+    b_g = tl.load(grad_logp + o_n, mask=m_n, other=0.0)
+    return b_y, b_lse, b_g
+
+
+@triton.jit
 def _dlogits_tile(b_z, b_y, b_lse, b_g, o_v, m_n, m_v):
     """dz = g (onehot(y) - exp(z - lse)) for one [BLOCK_N, BLOCK_V] tile, exactly 0 outside the tile's rows
     and columns. Missing rows carry lse = +inf and g = 0, so exp() is 0 there and no 0 * inf NaN can appear."""
@@ -168,9 +178,7 @@ def _linear_logprob_bwd_dh_kernel(
     v_end = tl.minimum(V, v_start + V_PER_SPLIT)
 
     # [BLOCK_N]
-    b_y = tl.load(targets + o_n, mask=m_n, other=-1)
-    b_lse = tl.load(lse + o_n, mask=m_n, other=float("inf"))
-    b_g = tl.load(grad_logp + o_n, mask=m_n, other=0.0)
+    b_y, b_lse, b_g = _row_stats(targets, lse, grad_logp, o_n, m_n)
     p_dh = dh_part + (i_s * N + o_n[:, None]) * D
     for v0 in range(v_start, v_end, BLOCK_V):
         o_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
@@ -226,9 +234,7 @@ def _linear_logprob_bwd_dw_kernel(
         o_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_n = o_n < n_end
         # [BLOCK_N]
-        b_y = tl.load(targets + o_n, mask=m_n, other=-1)
-        b_lse = tl.load(lse + o_n, mask=m_n, other=float("inf"))
-        b_g = tl.load(grad_logp + o_n, mask=m_n, other=0.0)
+        b_y, b_lse, b_g = _row_stats(targets, lse, grad_logp, o_n, m_n)
         # [BLOCK_N, BLOCK_V]
         b_z = _logits_tile(hidden, weight, bias, o_n, o_v, m_n, m_v, D, stride_hn, stride_wv,
                            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT)
@@ -280,9 +286,7 @@ def _linear_logprob_bwd_atomic_kernel(
     o_d = tl.arange(0, BLOCK_D)
 
     # [BLOCK_N]
-    b_y = tl.load(targets + o_n, mask=m_n, other=-1)
-    b_lse = tl.load(lse + o_n, mask=m_n, other=float("inf"))
-    b_g = tl.load(grad_logp + o_n, mask=m_n, other=0.0)
+    b_y, b_lse, b_g = _row_stats(targets, lse, grad_logp, o_n, m_n)
     # [BLOCK_N, BLOCK_V]
     b_z = _logits_tile(hidden, weight, bias, o_n, o_v, m_n, m_v, D, stride_hn, stride_wv,
                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT)

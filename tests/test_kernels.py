@@ -1,0 +1,411 @@
+"""Kernel tests: rrhf_fast.kernels against rrhf_fast.reference (float64 autograd) on fresh random inputs.
+
+Without CUDA every kernel runs through TRITON_INTERPRET=1 on CPU tensors (the root conftest sets it), so the
+shapes are tiny but odd (N = 47, V = 123, D = 40) and chosen to cross several tiles of the interpreter block
+sizes with ragged edges. Tests marked `cuda` need a GPU and are skipped without one, never faked.
+"""
+
+import pytest
+import torch
+
+from rrhf_fast import reference
+from rrhf_fast.kernels import linear_logprob_bwd, linear_logprob_fwd, logprob_bwd, logprob_fwd, rank_bwd, rank_fwd
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+N, V, D = 47, 123, 40
+
+# (dtype, atol, rtol) of the outputs against a float64 reference fed the same (rounded) inputs
+LOGITS_FWD_TOLS = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-5, 1e-5), (torch.float16, 1e-5, 1e-5),
+                   (torch.float64, 1e-12, 1e-12)]
+# dlogits are stored in the logits' dtype, so their error is one rounding of that dtype
+LOGITS_BWD_TOLS = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-2, 1e-2), (torch.float16, 1e-3, 1e-3),
+                   (torch.float64, 1e-12, 1e-12)]
+# fused linear: logp / lse accumulate in fp32 whatever the input dtype
+LINEAR_FWD_TOLS = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-5, 1e-5), (torch.float16, 1e-5, 1e-5)]
+# dh / dW / db: dz is rounded to the operand dtype before the tensor-core matmul and the results are stored
+# in the parameter dtype, so bf16 / fp16 carry a few roundings of their own precision
+LINEAR_BWD_TOLS = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 3e-2, 3e-2), (torch.float16, 4e-3, 4e-3)]
+
+
+def _close(actual, expected, atol, rtol):
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol)
+
+
+def _linear_inputs(dtype, with_bias, scale=1.0):
+    hidden = torch.randn(N, D, device=DEVICE).to(dtype)
+    weight = (torch.randn(V, D, device=DEVICE) * scale / D**0.5 * 3).to(dtype)
+    bias = torch.randn(V, device=DEVICE).to(dtype) if with_bias else None
+    targets = torch.randint(0, V, (N,), device=DEVICE)
+    return hidden, weight, bias, targets
+
+
+def _f64(t):
+    return None if t is None else t.detach().double().requires_grad_()
+
+
+# ------------------------------------------------------------------------------------------- logits level
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", LOGITS_FWD_TOLS)
+def test_logprob_fwd_matches_reference(dtype, atol, rtol):
+    logits = (torch.randn(N, V, device=DEVICE) * 4).to(dtype)
+    targets = torch.randint(0, V, (N,), device=DEVICE)
+    logp, lse = logprob_fwd(logits, targets)
+    assert logp.dtype == lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _close(logp, reference.token_logprobs_from_logits(logits.double(), targets), atol, rtol)
+    _close(lse, torch.logsumexp(logits.double(), dim=-1), atol, rtol)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype, atol, rtol", LOGITS_BWD_TOLS)
+def test_logprob_bwd_matches_autograd(dtype, atol, rtol, inplace):
+    logits = (torch.randn(N, V, device=DEVICE) * 4).to(dtype)
+    targets = torch.randint(0, V, (N,), device=DEVICE)
+    grad_logp = torch.randn(N, device=DEVICE)
+    logits64 = _f64(logits)
+    reference.token_logprobs_from_logits(logits64, targets).backward(grad_logp.double())
+    lse = torch.logsumexp(logits.double(), dim=-1).to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+    buffer = logits.clone()
+    dlogits = logprob_bwd(buffer, targets, lse, grad_logp.to(lse.dtype), inplace=inplace)
+    assert dlogits.dtype == dtype and dlogits.shape == (N, V)
+    assert (dlogits.data_ptr() == buffer.data_ptr()) == inplace
+    _close(dlogits, logits64.grad, atol, rtol)
+
+
+def test_logprob_extreme_logits_stay_finite():
+    """Rows mixing +-1e4 (a naive exp would overflow): the online max keeps every value finite and exact."""
+    logits = torch.randn(N, V, device=DEVICE)
+    logits[::3, ::7] = 1e4
+    logits[1::3, ::5] = -1e4
+    logits[2, :] = -1e4  # a whole row at the bottom of the range: uniform softmax
+    targets = torch.randint(0, V, (N,), device=DEVICE)
+    targets[0] = 0  # a target sitting on a +1e4 column
+    logp, lse = logprob_fwd(logits, targets)
+    assert torch.isfinite(logp).all() and torch.isfinite(lse).all()
+    _close(logp, reference.token_logprobs_from_logits(logits.double(), targets), 1e-3, 1e-6)
+
+    grad_logp = torch.randn(N, device=DEVICE)
+    logits64 = _f64(logits)
+    reference.token_logprobs_from_logits(logits64, targets).backward(grad_logp.double())
+    dlogits = logprob_bwd(logits, targets, lse, grad_logp)
+    assert torch.isfinite(dlogits).all()
+    # fp32 lse near 1e4 carries an absolute rounding of ~5e-4 (its ulp there is 1e-3), which exp() turns into
+    # a relative error of the same size on the large softmax entries: inherent to storing lse in fp32
+    _close(dlogits, logits64.grad, 1e-3, 1e-3)
+
+
+# --------------------------------------------------------------------------------------- fused linear form
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype, atol, rtol", LINEAR_FWD_TOLS)
+def test_linear_logprob_fwd_matches_reference(dtype, atol, rtol, with_bias):
+    hidden, weight, bias, targets = _linear_inputs(dtype, with_bias)
+    logits = reference._logits(hidden.double(), weight.double(), _f64(bias))
+    # split_v=3 makes three programs share each row block's vocabulary and exercises the partial merge
+    for split_v in (None, 3) if dtype == torch.float32 else (None,):
+        logp, lse = linear_logprob_fwd(hidden, weight, bias, targets, split_v=split_v)
+        assert logp.dtype == lse.dtype == torch.float32
+        _close(logp, reference.token_logprobs_from_logits(logits, targets), atol, rtol)
+        _close(lse, torch.logsumexp(logits, dim=-1), atol, rtol)
+
+
+def _linear_grads(hidden, weight, bias, targets, grad_logp):
+    """float64 autograd of the reference: (lse [N] fp32, dh, dw, db)."""
+    h64, w64, b64 = _f64(hidden), _f64(weight), _f64(bias)
+    logits = reference._logits(h64, w64, b64)
+    reference.token_logprobs_from_logits(logits, targets).backward(grad_logp.double())
+    lse = torch.logsumexp(logits.detach(), dim=-1).float()
+    return lse, h64.grad, w64.grad, None if b64 is None else b64.grad
+
+
+# deterministic with the default splits, deterministic with forced reduction splits, and the atomic kernel
+BWD_MODES = [dict(), dict(split_v=2, split_n=3), dict(deterministic=False)]
+
+
+# every reduction mode in fp32; bf16 / fp16 run the default (deterministic) mode
+BWD_CASES = [(*tols, mode) for tols in LINEAR_BWD_TOLS for mode in (BWD_MODES if tols[0] == torch.float32 else BWD_MODES[:1])]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype, atol, rtol, mode", BWD_CASES)
+def test_linear_logprob_bwd_matches_autograd(dtype, atol, rtol, mode, with_bias):
+    hidden, weight, bias, targets = _linear_inputs(dtype, with_bias)
+    grad_logp = torch.randn(N, device=DEVICE)
+    lse, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
+    dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, **mode)
+    assert dh.dtype == hidden.dtype and dw.dtype == weight.dtype
+    _close(dh, dh_ref, atol, rtol)
+    _close(dw, dw_ref, atol, rtol)
+    if with_bias:
+        assert db.dtype == bias.dtype
+        _close(db, db_ref, atol, rtol)
+    else:
+        assert db is None
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("compute_dh, compute_dw", [(True, False), (False, True)])
+def test_linear_logprob_bwd_flags(compute_dh, compute_dw, deterministic):
+    hidden, weight, bias, targets = _linear_inputs(torch.float32, True)
+    grad_logp = torch.randn(N, device=DEVICE)
+    lse, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
+    dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, compute_dh=compute_dh,
+                                    compute_dw=compute_dw, deterministic=deterministic)
+    assert (dh is not None) == compute_dh and (dw is not None) == compute_dw and (db is not None) == compute_dw
+    if compute_dh:
+        _close(dh, dh_ref, 1e-5, 1e-5)
+    if compute_dw:
+        _close(dw, dw_ref, 1e-5, 1e-5)
+        _close(db, db_ref, 1e-5, 1e-5)
+
+
+def test_linear_logprob_extreme_logits_stay_finite():
+    """A bias of +-1e4 pushes logits to the extremes: lse, logp and every gradient stay finite and right."""
+    hidden, weight, bias, targets = _linear_inputs(torch.float32, True)
+    bias = torch.where(torch.rand(V, device=DEVICE) < 0.1, 1e4, torch.where(torch.rand(V, device=DEVICE) < 0.2, -1e4, bias))
+    targets[:5] = int(torch.argmax(bias))  # some targets on a +1e4 column
+    grad_logp = torch.randn(N, device=DEVICE)
+    lse_ref, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
+    logp, lse = linear_logprob_fwd(hidden, weight, bias, targets)
+    assert torch.isfinite(logp).all() and torch.isfinite(lse).all()
+    logits = reference._logits(hidden.double(), weight.double(), bias.double())
+    _close(logp, reference.token_logprobs_from_logits(logits, targets), 2e-3, 1e-6)
+    dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp)
+    assert all(torch.isfinite(t).all() for t in (dh, dw, db))
+    # as for the logits-level kernel, the fp32 lse near 1e4 is only good to ~5e-4 absolute
+    _close(dh, dh_ref, 2e-3, 2e-3)
+    _close(dw, dw_ref, 2e-3, 2e-3)
+    _close(db, db_ref, 2e-3, 2e-3)
+
+
+def test_linear_logprob_rejects_unsupported_dtypes():
+    hidden, weight, bias, targets = _linear_inputs(torch.float32, False)
+    with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
+        linear_logprob_fwd(hidden.double(), weight.double(), None, targets)
+    with pytest.raises(TypeError, match="share a dtype"):
+        linear_logprob_fwd(hidden, weight.half(), None, targets)
+
+
+# --------------------------------------------------------------------------------------------------- rank
+
+
+def _batch(lengths, group_sizes, rewards):
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE)
+    cu_groups = torch.tensor([0, *torch.tensor(group_sizes).cumsum(0).tolist()], device=DEVICE)
+    return cu_seqlens, torch.tensor(rewards, device=DEVICE), cu_groups
+
+
+# nine candidates in four groups (sizes 4, 1, 2, 2): candidates of length 1 (1 and 5), a group of one (4),
+# a tie for the top reward in group 0 (1 and 2: no pair between them, 1 is best) and a group whose two
+# candidates tie (group 3: no pair at all, 7 is best)
+LENGTHS = [3, 1, 5, 2, 7, 1, 4, 2, 6]
+GROUPS = [4, 1, 2, 2]
+REWARDS = [1.0, 2.0, 2.0, 0.5, 3.0, 1.0, 0.0, 1.5, 1.5]
+
+
+def _direct_rank(logp, cu_seqlens, rewards, cu_groups, alpha, margin, sft_reduction):
+    """Per-group quantities written out from the maths in float64: scores, rank, sft, coef, best."""
+    b, gb, r = cu_seqlens.tolist(), cu_groups.tolist(), rewards.tolist()
+    sums = [logp[b[c] : b[c + 1]].double().sum().item() for c in range(len(b) - 1)]
+    lengths = [b[c + 1] - b[c] for c in range(len(b) - 1)]
+    scores = [s / length**alpha for s, length in zip(sums, lengths)]
+    rank, sft, best, coef = [], [], [], [0.0] * len(scores)
+    for g in range(len(gb) - 1):
+        members = range(gb[g], gb[g + 1])
+        pairs = [(i, j) for i in members for j in members if r[i] < r[j]]
+        rank.append(sum(max(0.0, scores[i] - scores[j] + margin) for i, j in pairs))
+        for i, j in pairs:
+            if scores[i] - scores[j] + margin > 0:
+                coef[i] += 1
+                coef[j] -= 1
+        top = max(r[c] for c in members)
+        best.append(min(c for c in members if r[c] == top))
+        sft.append(-sums[best[-1]] / (lengths[best[-1]] if sft_reduction == "mean" else 1))
+    as_t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    return as_t(scores), as_t(rank), as_t(sft), as_t(coef), torch.tensor(best)
+
+
+OPTIONS = [(alpha, margin, red) for alpha in (0.0, 0.5, 1.0, 2.0) for margin in (0.0, 0.3) for red in ("mean", "sum")]
+
+
+@pytest.mark.parametrize("alpha, margin, sft_reduction", OPTIONS)
+def test_rank_fwd_matches_direct_computation(alpha, margin, sft_reduction):
+    cu_seqlens, rewards, cu_groups = _batch(LENGTHS, GROUPS, REWARDS)
+    logp = -torch.rand(int(cu_seqlens[-1]), device=DEVICE) * 3
+    out = rank_fwd(logp, cu_seqlens, rewards, cu_groups, alpha, margin, sft_reduction)
+    expected = _direct_rank(logp, cu_seqlens, rewards, cu_groups, alpha, margin, sft_reduction)
+    for name, got, want in zip(("scores", "rank", "sft", "coef", "best"), out, expected):
+        assert got.dtype == want.dtype if name == "best" else got.dtype == torch.float32, name
+        _close(got, want, 1e-5, 1e-5) if name != "best" else torch.testing.assert_close(got.cpu(), want)
+    assert out[4].tolist() == [1, 4, 5, 7]  # first on ties
+
+
+@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("alpha, margin, sft_reduction", OPTIONS)
+def test_rank_kernels_compose_with_reference_autograd(alpha, margin, sft_reduction, cu_dtype):
+    """logprob_fwd -> rank_fwd -> rank_bwd -> logprob_bwd against autograd of reference.rrhf_loss_from_logits,
+    with random weights and random upstream gradients on loss, rank_loss, sft_loss and scores."""
+    cu_seqlens, rewards, cu_groups = _batch(LENGTHS, GROUPS, REWARDS)
+    n_tok, G = int(cu_seqlens[-1]), len(GROUPS)
+    logits = torch.randn(n_tok, 29, dtype=torch.float64, device=DEVICE) * 2
+    targets = torch.randint(0, 29, (n_tok,), device=DEVICE)
+    rank_weight, sft_weight = torch.rand(2).tolist()
+    grad_loss, grad_rank, grad_sft = torch.randn(3).tolist()
+    grad_scores = torch.randn(len(LENGTHS), device=DEVICE)
+
+    logits64 = logits.clone().requires_grad_()
+    ref = reference.rrhf_loss_from_logits(
+        logits64, targets, cu_seqlens, rewards, cu_groups, length_penalty=alpha, rank_weight=rank_weight,
+        sft_weight=sft_weight, margin=margin, sft_reduction=sft_reduction)
+    torch.autograd.backward([ref.loss, ref.rank_loss, ref.sft_loss, ref.scores],
+                            [torch.tensor(grad_loss, dtype=torch.float64), torch.tensor(grad_rank, dtype=torch.float64),
+                             torch.tensor(grad_sft, dtype=torch.float64), grad_scores.double()])
+
+    cu_seqlens, cu_groups = cu_seqlens.to(cu_dtype), cu_groups.to(cu_dtype)
+    logp, lse = logprob_fwd(logits, targets)
+    scores, rank, sft, coef, best = rank_fwd(logp, cu_seqlens, rewards, cu_groups, alpha, margin, sft_reduction)
+    _close(scores, ref.scores, 1e-5, 1e-5)
+    _close(rank.mean(), ref.rank_loss, 1e-5, 1e-5)
+    _close(sft.mean(), ref.sft_loss, 1e-5, 1e-5)
+    _close(rank_weight * rank.mean() + sft_weight * sft.mean(), ref.loss, 1e-5, 1e-5)
+
+    rank_scale = torch.tensor((grad_loss * rank_weight + grad_rank) / G, device=DEVICE)
+    sft_scale = torch.tensor((grad_loss * sft_weight + grad_sft) / G, device=DEVICE)
+    grad_logp = rank_bwd(cu_seqlens, cu_groups, coef, best, grad_scores, rank_scale, sft_scale, alpha, sft_reduction)
+    assert grad_logp.dtype == torch.float32 and grad_logp.shape == (n_tok,)
+    dlogits = logprob_bwd(logits, targets, lse, grad_logp.double())
+    _close(dlogits, logits64.grad, 1e-5, 1e-5)
+
+
+def test_rank_hinge_exactly_zero_is_inactive():
+    """Two identical candidates with different rewards and margin 0: the hinge is exactly 0, so like
+    torch.relu it contributes neither loss nor gradient (coef 0), and only the SFT term reaches the tokens."""
+    cu_seqlens, rewards, cu_groups = _batch([3, 3], [2], [0.0, 1.0])
+    logp = torch.tensor([-0.5, -1.25, -2.0] * 2, device=DEVICE)
+    scores, rank, sft, coef, best = rank_fwd(logp, cu_seqlens, rewards, cu_groups, 1.0, 0.0, "mean")
+    assert scores[0] == scores[1] and rank.item() == 0.0 and coef.tolist() == [0.0, 0.0] and best.tolist() == [1]
+    grad_logp = rank_bwd(cu_seqlens, cu_groups, coef, best, None, torch.tensor(1.0), torch.tensor(3.0), 1.0, "mean")
+    assert grad_logp.tolist() == [0.0] * 3 + [-1.0] * 3
+
+
+def test_rank_single_candidate_groups_have_no_rank_term():
+    cu_seqlens, rewards, cu_groups = _batch([1, 2, 5], [1, 1, 1], [0.3, -1.0, 2.0])
+    logp = -torch.rand(8, device=DEVICE)
+    scores, rank, sft, coef, best = rank_fwd(logp, cu_seqlens, rewards, cu_groups, 1.0, 0.3, "sum")
+    assert rank.tolist() == [0.0] * 3 and coef.tolist() == [0.0] * 3 and best.tolist() == [0, 1, 2]
+    _close(sft, torch.stack([-logp[0], -logp[1:3].sum(), -logp[3:].sum()]), 1e-6, 1e-6)
+
+
+def test_rank_large_group_uses_wide_tile():
+    """A group of 37 candidates (BLOCK_K = 64) next to a group of one, against the direct computation."""
+    lengths = torch.randint(1, 6, (38,)).tolist()
+    cu_seqlens, rewards, cu_groups = _batch(lengths, [37, 1], torch.randint(0, 5, (38,)).float().tolist())
+    logp = -torch.rand(sum(lengths), device=DEVICE) * 2
+    out = rank_fwd(logp, cu_seqlens, rewards, cu_groups, 0.5, 0.1, "mean", max_group_size=37)
+    expected = _direct_rank(logp, cu_seqlens, rewards, cu_groups, 0.5, 0.1, "mean")
+    for got, want in zip(out[:4], expected[:4]):
+        _close(got, want, 1e-5, 1e-5)
+    assert out[4].tolist() == expected[4].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- CUDA only
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_logprob_int64_offsets_past_2_pow_31():
+    """N * V > 2^31 elements: a row offset computed in int32 would wrap and read the wrong rows."""
+    n, v = 16_500, 131_072  # 2.16e9 elements, 4.3 GB in bf16
+    assert n * v > 2**31
+    logits = torch.empty(n, v, dtype=torch.bfloat16, device="cuda").normal_(0, 2)
+    targets = torch.randint(0, v, (n,), device="cuda")
+    logp, lse = logprob_fwd(logits, targets)
+    tail = slice(n - 64, n)  # the rows whose offsets pass 2^31
+    _close(logp[tail], reference.token_logprobs_from_logits(logits[tail], targets[tail]), 1e-4, 1e-5)
+    grad_logp = torch.randn(n, device="cuda")
+    expected = grad_logp[tail, None] * (torch.nn.functional.one_hot(targets[tail], v) - torch.softmax(logits[tail].float(), -1))
+    dlogits = logprob_bwd(logits, targets, lse, grad_logp, inplace=True)
+    _close(dlogits[tail], expected, 1e-2, 1e-2)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_linear_logprob_int64_offsets_past_2_pow_31():
+    """V * D > 2^31: weight row offsets o_v * stride must be int64."""
+    n, v, d = 64, 264_000, 8192  # 2.16e9 weight elements, 4.3 GB in bf16
+    assert v * d > 2**31
+    hidden = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(v, d, device="cuda", dtype=torch.bfloat16) * 0.02)
+    targets = torch.randint(v - 1000, v, (n,), device="cuda")  # targets in the rows past 2^31
+    logp, lse = linear_logprob_fwd(hidden, weight, None, targets)
+    logits = torch.cat([hidden.float() @ w.float().T for w in weight.split(32_768)], dim=1)
+    _close(lse, torch.logsumexp(logits, -1), 1e-3, 1e-4)
+    _close(logp, logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1), 1e-3, 1e-4)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-4, 1e-4), (torch.bfloat16, 3e-2, 3e-2)])
+def test_linear_logprob_gpu_tiles_match_reference(dtype, atol, rtol):
+    """GPU block sizes (64 / 128 / 64) on ragged shapes, forward and both backward modes."""
+    n, v, d = 333, 1_999, 272
+    hidden = torch.randn(n, d, device="cuda").to(dtype)
+    weight = (torch.randn(v, d, device="cuda") / d**0.5 * 3).to(dtype)
+    bias = torch.randn(v, device="cuda").to(dtype)
+    targets = torch.randint(0, v, (n,), device="cuda")
+    grad_logp = torch.randn(n, device="cuda")
+    lse_ref, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
+    logp, lse = linear_logprob_fwd(hidden, weight, bias, targets)
+    _close(lse, lse_ref, 1e-4, 1e-5)
+    for deterministic in (True, False):
+        dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, deterministic=deterministic)
+        _close(dh, dh_ref, atol, rtol)
+        _close(dw, dw_ref, atol, rtol)
+        _close(db, db_ref, atol, rtol)
+
+
+@cuda
+@pytest.mark.cuda
+def test_kernels_are_deterministic_on_gpu():
+    """Same inputs twice -> bitwise equal outputs for every deterministic path; the atomic backward agrees
+    with the deterministic one to fp32 rounding (its add order varies)."""
+    n, v, d = 1_000, 4_099, 256
+    hidden = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(v, d, device="cuda", dtype=torch.bfloat16) * 0.1
+    bias = torch.randn(v, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, v, (n,), device="cuda")
+    grad_logp = torch.randn(n, device="cuda")
+
+    def linear():
+        logp, lse = linear_logprob_fwd(hidden, weight, bias, targets)
+        return (logp, lse, *linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp))
+
+    def logits_level():
+        logits = torch.randn(n, v, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        logp, lse = logprob_fwd(logits, targets)
+        return logp, lse, logprob_bwd(logits, targets, lse, grad_logp)
+
+    def ranking():
+        cu_seqlens = torch.arange(0, n + 1, 10, device="cuda")
+        cu_groups = torch.arange(0, n // 10 + 1, 4, device="cuda")
+        rewards = torch.randn(n // 10, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        fwd = rank_fwd(grad_logp, cu_seqlens, rewards, cu_groups, 1.0, 0.1, "mean")
+        return (*fwd, rank_bwd(cu_seqlens, cu_groups, fwd[3], fwd[4], None, torch.tensor(0.5, device="cuda"),
+                               torch.tensor(0.25, device="cuda"), 1.0, "mean"))
+
+    for run in (linear, logits_level, ranking):
+        first, second = run(), run()
+        for a, b in zip(first, second):
+            assert torch.equal(a, b), run.__name__
+
+    logp, lse = linear_logprob_fwd(hidden, weight, bias, targets)
+    det = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp)
+    atomic = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, deterministic=False)
+    for a, b in zip(det, atomic):
+        _close(a, b, 1e-2, 1e-2)
