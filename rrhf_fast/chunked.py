@@ -1,23 +1,26 @@
 """The RRHF loss in pure PyTorch, chunked so that no [N, V] tensor ever exists: the CPU fast path.
 
-It computes what the Triton kernels compute, with the same six functions and signatures, so `loss.py`
-drives either through the same autograd.Functions:
+Two ways through the LM head, both with one [rows, V] buffer at a time:
 
-    linear_logprob_fwd / linear_logprob_bwd   logits = h W^T + b in row chunks -> logp, lse   (and back)
-    logprob_fwd / logprob_bwd                 the same from given logits
-    rank_fwd / rank_bwd                       scores, pairwise hinge, SFT term, per-token upstream gradient
+    linear_rrhf_fwd      the training path. Chunks hold whole groups, so a chunk's ranking term is complete
+                         once its logits are; the forward also computes the gradient for d loss = 1:
+                         logits once, dz = g (onehot - softmax) in place, dh = dz W, dW += dz^T h. 6NVD
+                         FLOPs, the floor. `impl` (this module or rrhf_fast.kernels) does the elementwise
+                         and ranking work, so the Triton backend runs the same loop.
+    linear_logprob_fwd / linear_logprob_bwd
+                         per-token log-probabilities and their backward for any upstream gradient, two-pass:
+                         the forward keeps only logsumexp, the backward recomputes the logits. 8NVD.
 
-The fused-linear form is two-pass: the forward keeps only logsumexp per token (O(N) memory) and the backward
-recomputes each chunk's logits, turns them into dz = g (onehot - softmax) in place and multiplies out
-dh = dz W and dW += dz^T h. That is 8NVD FLOPs against the naive 6NVD, in exchange for a working set of one
-[rows, V] chunk instead of several [N, V] tensors. Maths: DESIGN.md section 2, kernels/README.md.
+and the pieces with the same names and signatures as in rrhf_fast.kernels: logprob_fwd / logprob_bwd
+(from given logits), rank_fwd / rank_bwd (scores, pairwise hinge, SFT term, per-token upstream gradient).
+Maths: DESIGN.md section 2 and kernels/README.md.
 """
 
 import torch
 
 # A chunk of logits holds about this many fp32 elements (32 MiB): small enough to stay near the cache and to
 # keep the peak far below the naive path's, large enough that each chunk's matmul runs at full speed.
-CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS = 1 << 25
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -48,6 +51,20 @@ def _softmax_grad_(logits, targets, lse, grad_logp):
     return dz
 
 
+def _multiply_out(dz, h, weight, dh_out, dw_acc):
+    """dh_out = dz @ W and dw_acc += dz^T @ h for one chunk; dw_acc accumulates in fp32 (or fp64)."""
+    if dz.dtype == h.dtype:  # full-precision inputs
+        if dw_acc is not None:
+            dw_acc.addmm_(dz.T, h)  # in place: no [V, D] temporary per chunk
+        dz_in = dz
+    else:
+        dz_in = dz.to(h.dtype)  # low-precision inputs multiply in their own dtype, as on tensor cores
+        if dw_acc is not None:
+            dw_acc += (dz_in.T @ h).to(dw_acc.dtype)
+    if dh_out is not None:
+        torch.mm(dz_in, weight, out=dh_out)
+
+
 def linear_logprob_fwd(hidden, weight, bias, targets):
     """[N, D] hidden, [V, D] weight, [V] bias or None, [N] targets -> ([N] logp, [N] lse) in fp32 (fp64 for fp64)."""
     dtype = _compute_dtype(hidden)
@@ -72,11 +89,7 @@ def linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, compute_dh
         dz = _softmax_grad_(logits, targets[start:end], lse[start:end], grad_logp[start:end])
         if db is not None:
             db += dz.sum(0)
-        dz = dz.to(hidden.dtype)
-        if compute_dh:
-            dh[start:end] = dz @ weight
-        if compute_dw:
-            dw += (dz.T @ h).to(dtype)  # accumulated in fp32 across chunks whatever the input dtype
+        _multiply_out(dz, h, weight, dh[start:end] if compute_dh else None, dw)
     return (
         dh,
         None if dw is None else dw.to(weight.dtype),
@@ -96,6 +109,8 @@ def logprob_fwd(logits, targets):
 
 def logprob_bwd(logits, targets, lse, grad_logp, inplace=False):
     """dlogits = grad_logp * (onehot - softmax) in logits' dtype; written over `logits` when inplace."""
+    if inplace and logits.dtype == lse.dtype:
+        return _softmax_grad_(logits, targets, lse, grad_logp.to(lse.dtype))
     out = logits if inplace else torch.empty_like(logits)
     grad_logp = grad_logp.to(lse.dtype)
     for start, end in _row_chunks(*logits.shape):
@@ -150,3 +165,121 @@ def rank_bwd(cu_seqlens, cu_groups, coef, best, grad_scores, rank_scale, sft_sca
     sft_grad = sft_scale / lengths_f[best] if sft_reduction == "mean" else sft_scale.expand(best.shape)
     grad_sums = grad_sums.index_add(0, best, -sft_grad.to(coef.dtype))
     return torch.repeat_interleave(grad_sums, lengths)
+
+
+def _group_chunks(seq_offsets, group_offsets, max_rows):
+    """Split the groups into runs whose tokens fit `max_rows` (a larger group gets a run of its own).
+
+    Yields (first_group, end_group, first_token, end_token) with Python ints.
+    """
+    first = 0
+    num_groups = len(group_offsets) - 1
+    while first < num_groups:
+        end = first + 1
+        start_token = seq_offsets[group_offsets[first]]
+        while end < num_groups and seq_offsets[group_offsets[end + 1]] - start_token <= max_rows:
+            end += 1
+        yield first, end, start_token, seq_offsets[group_offsets[end]]
+        first = end
+
+
+def logprob_step_(logits, targets, grad_of_logp):
+    """One chunk of the one-sweep loss: log-probabilities, their upstream gradient, and dz in place.
+
+    logits [rows, V] in the compute dtype is overwritten. grad_of_logp maps the chunk's [rows] logp to its
+    [rows] upstream gradient (or None for a forward only). Returns (lse [rows], dz [rows, V] or None).
+    On a CPU the exponentials dominate the elementwise work, so the buffer keeps e = exp(z - max) from the
+    forward and the backward rescales it, dz = g (onehot - e / sum e): one exp per logit instead of two.
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    target_logits = logits[rows, targets]
+    row_max = logits.amax(-1)
+    e = logits.sub_(row_max[:, None]).exp_()  # [rows, V]
+    total = e.sum(-1)
+    lse = row_max + total.log()
+    grad_logp = grad_of_logp(target_logits - lse)
+    if grad_logp is None:
+        return lse, None
+    dz = e.mul_((-grad_logp / total)[:, None])
+    dz[rows, targets] += grad_logp
+    return lse, dz
+
+
+def _logprob_step_from_kernels(impl, logits, targets, grad_of_logp):
+    """logprob_step_ for an implementation that has only logprob_fwd and logprob_bwd."""
+    logp, lse = impl.logprob_fwd(logits, targets)
+    grad_logp = grad_of_logp(logp)
+    return lse, None if grad_logp is None else impl.logprob_bwd(logits, targets, lse, grad_logp, inplace=True)
+
+
+def linear_rrhf_fwd(hidden, weight, bias, targets, cu_seqlens, rewards, cu_groups, options, impl, grads=(True, True, True)):
+    """The whole RRHF loss from the head in one sweep over the vocabulary, with its gradient for d loss = 1.
+
+    Chunks hold whole groups, so each chunk's ranking term is complete once its logits are: the chunk's
+    logits are computed once (2 ND V_chunk), turned into log-probabilities, scored and ranked, turned in place
+    into dz = g (onehot - softmax), and multiplied out into dh and dW. That is the 6NVD floor with one
+    [rows, V] buffer. `impl` supplies rank_fwd/bwd and logprob_step_ (or logprob_fwd/bwd): this module or
+    rrhf_fast.kernels. `grads` says which of (dh, dw, db) to compute; none computes the loss alone (2NVD).
+
+    Returns (scores [C], rank [G], sft [G], coef [C], best [G], lse [N], dh, dw, db), gradients None when
+    not asked for.
+    """
+    length_penalty, rank_weight, sft_weight, margin, sft_reduction = options
+    dtype = _compute_dtype(hidden)
+    seq_offsets, group_offsets = cu_seqlens.tolist(), cu_groups.tolist()
+    num_groups = len(group_offsets) - 1
+    want_dh, want_dw, want_db = grads[0], grads[1], grads[2] and bias is not None
+    dh = torch.zeros_like(hidden) if want_dh else None
+    dw = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_dw else None
+    db = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if want_db else None
+    step = getattr(impl, "logprob_step_", None) or (lambda *args: _logprob_step_from_kernels(impl, *args))
+    per_token, per_candidate, per_group = [], [], []
+
+    max_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    for g0, g1, t0, t1 in _group_chunks(seq_offsets, group_offsets, max_rows):
+        c0, c1 = group_offsets[g0], group_offsets[g1]
+        local_seqlens = cu_seqlens[c0 : c1 + 1] - t0
+        local_groups = cu_groups[g0 : g1 + 1] - c0
+
+        def grad_of_logp(logp):
+            scores, rank, sft, coef, best = impl.rank_fwd(
+                logp, local_seqlens, rewards[c0:c1].to(logp.dtype), local_groups, length_penalty, margin, sft_reduction
+            )
+            per_candidate.append((scores, coef))
+            per_group.append((rank, sft, best + c0))
+            if not (want_dh or want_dw or want_db):
+                return None
+            return impl.rank_bwd(
+                local_seqlens,
+                local_groups,
+                coef,
+                best,
+                torch.zeros_like(scores),
+                torch.tensor(rank_weight / num_groups, dtype=coef.dtype, device=coef.device),
+                torch.tensor(sft_weight / num_groups, dtype=coef.dtype, device=coef.device),
+                length_penalty,
+                sft_reduction,
+            )
+
+        h = hidden[t0:t1]
+        lse, dz = step(_chunk_logits(h, weight, bias, dtype), targets[t0:t1], grad_of_logp)  # dz: [rows, V]
+        per_token.append(lse)
+        if dz is None:
+            continue
+        if want_db:
+            db += dz.sum(0)
+        _multiply_out(dz, h, weight, dh[t0:t1] if want_dh else None, dw)
+
+    scores, coef = (torch.cat(parts) for parts in zip(*per_candidate))
+    rank, sft, best = (torch.cat(parts) for parts in zip(*per_group))
+    return (
+        scores,
+        rank,
+        sft,
+        coef,
+        best,
+        torch.cat(per_token),
+        dh,
+        None if dw is None else dw.to(weight.dtype),
+        None if db is None else db.to(bias.dtype),
+    )

@@ -199,33 +199,102 @@ class RankFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_rank_loss, grad_sft_loss, grad_scores):
         cu_seqlens, cu_groups, coef, best = ctx.saved_tensors
         length_penalty, rank_weight, sft_weight, margin, sft_reduction = ctx.options
-        num_groups = cu_groups.numel() - 1
-        # Scalars stay on the device as 0-d tensors: no host synchronisation in the backward.
-        rank_scale = (grad_loss * rank_weight + grad_rank_loss) / num_groups
-        sft_scale = (grad_loss * sft_weight + grad_sft_loss) / num_groups
-        grad_logp = ctx.impl.rank_bwd(
+        grad_logp = _rank_grad_logp(
+            ctx.impl,
+            ctx.options,
             cu_seqlens,
             cu_groups,
             coef,
             best,
-            grad_scores.contiguous(),
-            rank_scale.to(coef.dtype),
-            sft_scale.to(coef.dtype),
-            length_penalty,
-            sft_reduction,
+            grad_scores,
+            rank_grad=grad_loss * rank_weight + grad_rank_loss,
+            sft_grad=grad_loss * sft_weight + grad_sft_loss,
         )
         return grad_logp, None, None, None, None, None
+
+
+def _rank_grad_logp(impl, options, cu_seqlens, cu_groups, coef, best, grad_scores, rank_grad, sft_grad):
+    """[N] gradient of every token's logp, given the total gradients reaching rank_loss, sft_loss and scores."""
+    length_penalty, _, _, _, sft_reduction = options
+    num_groups = cu_groups.numel() - 1
+    # Scalars stay on the device as 0-d tensors: no host synchronisation in the backward.
+    return impl.rank_bwd(
+        cu_seqlens,
+        cu_groups,
+        coef,
+        best,
+        grad_scores.to(coef.dtype).contiguous(),
+        (rank_grad / num_groups).to(coef.dtype),
+        (sft_grad / num_groups).to(coef.dtype),
+        length_penalty,
+        sft_reduction,
+    )
+
+
+class LinearRRHFFunction(torch.autograd.Function):
+    """hidden, weight, bias -> (loss, rank_loss, sft_loss, scores) in one sweep over the vocabulary.
+
+    The forward also computes the gradient for d loss = 1 (chunked.linear_rrhf_fwd: 6NVD, no [N, V] tensor),
+    which the backward scales by the incoming d loss: training pays no second sweep. Gradients arriving on
+    rank_loss, sft_loss or scores are exact too: by linearity they add a two-pass backward of their own.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, cu_seqlens, rewards, cu_groups, options, impl, grads):
+        ctx.set_materialize_grads(False)  # None marks an unused output, so the common case skips the extra pass
+        scores, rank, sft, coef, best, lse, dh, dw, db = chunked.linear_rrhf_fwd(
+            hidden, weight, bias, targets, cu_seqlens, rewards, cu_groups, options, impl, grads
+        )
+        ctx.save_for_backward(hidden, weight, bias, targets, cu_seqlens, cu_groups, coef, best, lse)
+        ctx.loss_grads, ctx.options, ctx.impl = (dh, dw, db), options, impl
+        length_penalty, rank_weight, sft_weight, margin, sft_reduction = options
+        rank_loss, sft_loss = rank.mean(), sft.mean()
+        return rank_weight * rank_loss + sft_weight * sft_loss, rank_loss, sft_loss, scores
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_rank_loss, grad_sft_loss, grad_scores):
+        hidden, weight, bias, targets, cu_seqlens, cu_groups, coef, best, lse = ctx.saved_tensors
+        grads = [None if g is None or grad_loss is None else g * grad_loss.to(g.dtype) for g in ctx.loss_grads]
+        if grad_rank_loss is not None or grad_sft_loss is not None or grad_scores is not None:
+            zero = coef.new_zeros(())
+            grad_logp = _rank_grad_logp(
+                ctx.impl,
+                ctx.options,
+                cu_seqlens,
+                cu_groups,
+                coef,
+                best,
+                coef.new_zeros(coef.shape) if grad_scores is None else grad_scores,
+                rank_grad=zero if grad_rank_loss is None else grad_rank_loss,
+                sft_grad=zero if grad_sft_loss is None else grad_sft_loss,
+            )
+            extra = ctx.impl.linear_logprob_bwd(
+                hidden,
+                weight,
+                bias,
+                targets,
+                lse,
+                grad_logp,
+                compute_dh=ctx.needs_input_grad[0],
+                compute_dw=ctx.needs_input_grad[1],
+            )
+            grads = [e if g is None else (g if e is None else g + e) for g, e in zip(grads, extra)]
+        dh, dw, db = (g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:3]))
+        return dh, dw, db, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The public functions.
 
 
-def _linear_logprob(hidden, weight, bias, targets, impl):
+def _head_like(hidden, weight, bias):
     # A head in another dtype (fp32 master weights under bf16 autocast) is cast to the hidden states' dtype,
     # as autocast does for a linear layer; autograd carries the gradient back through the cast.
-    weight = weight.to(hidden.dtype).contiguous()
-    bias = None if bias is None else bias.to(hidden.dtype).contiguous()
+    return weight.to(hidden.dtype).contiguous(), None if bias is None else bias.to(hidden.dtype).contiguous()
+
+
+def _linear_logprob(hidden, weight, bias, targets, impl):
+    weight, bias = _head_like(hidden, weight, bias)
     return LinearLogprobFunction.apply(hidden.contiguous(), weight, bias, targets.contiguous(), impl)
 
 
@@ -272,9 +341,13 @@ def rrhf_loss(
     backend = _resolve_backend(backend, hidden.device)
     if backend == "reference":
         return reference.rrhf_loss(hidden, weight, targets, cu_seqlens, rewards, cu_groups, bias=bias, **options)
-    impl = _impl(backend)
-    logp = _linear_logprob(hidden, weight, bias, targets, impl)
-    return _rank(logp, cu_seqlens, rewards, cu_groups, impl, **options)
+    weight, bias = _head_like(hidden, weight, bias)
+    grads = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    if not torch.is_grad_enabled():
+        grads = (False, False, False)
+    packed = (targets.contiguous(), cu_seqlens, rewards, cu_groups)
+    flat = tuple(float(options[k]) for k in ("length_penalty", "rank_weight", "sft_weight", "margin")) + (sft_reduction,)
+    return RRHFOutput(*LinearRRHFFunction.apply(hidden.contiguous(), weight, bias, *packed, flat, _impl(backend), grads))
 
 
 def rrhf_loss_from_logits(
