@@ -1,4 +1,4 @@
-"""Shared test set-up: Triton kernels run through the interpreter on CPU tensors when there is no GPU."""
+"""Shared set-up for tests and benchmark suites: Triton kernels run through the interpreter on CPU tensors when there is no GPU."""
 
 import os
 

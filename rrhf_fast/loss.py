@@ -58,19 +58,24 @@ def _check_options(length_penalty, rank_weight, sft_weight, margin, sft_reductio
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def _check_batch(num_tokens, vocab, device, targets, cu_seqlens, rewards=None, cu_groups=None):
+def _check_targets(targets, num_tokens, vocab, device):
     if targets.dim() != 1 or targets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"targets must be a 1-D integer tensor of token ids, got {targets.dtype} {tuple(targets.shape)}")
     if targets.numel() != num_tokens:
         raise ValueError(f"targets has {targets.numel()} tokens but the hidden states / logits have {num_tokens} rows")
-    for name, t in (("targets", targets), ("cu_seqlens", cu_seqlens), ("rewards", rewards), ("cu_groups", cu_groups)):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but the hidden states / logits are on {device}; move it there")
+    if targets.device != device:
+        raise ValueError(f"targets is on {targets.device} but the hidden states / logits are on {device}; move it there")
     if num_tokens == 0:
         raise ValueError("the batch holds no response tokens; every candidate needs at least one token")
     low, high = int(targets.min()), int(targets.max())
     if low < 0 or high >= vocab:
         raise ValueError(f"targets must lie in [0, {vocab}) (the vocabulary size), got values in [{low}, {high}]")
+
+
+def _check_batch(num_tokens, device, cu_seqlens, rewards=None, cu_groups=None):
+    for name, t in (("cu_seqlens", cu_seqlens), ("rewards", rewards), ("cu_groups", cu_groups)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the hidden states / logits are on {device}; move it there")
     _check_index("cu_seqlens", cu_seqlens, num_tokens, "tokens")
     if rewards is None:
         return
@@ -298,12 +303,6 @@ def _linear_logprob(hidden, weight, bias, targets, impl):
     return LinearLogprobFunction.apply(hidden.contiguous(), weight, bias, targets.contiguous(), impl)
 
 
-def _rank(logp, cu_seqlens, rewards, cu_groups, impl, length_penalty, rank_weight, sft_weight, margin, sft_reduction):
-    options = (float(length_penalty), float(rank_weight), float(sft_weight), float(margin), sft_reduction)
-    rewards = rewards.to(logp.dtype)
-    return RRHFOutput(*RankFunction.apply(logp, cu_seqlens, rewards, cu_groups, options, impl))
-
-
 def rrhf_loss(
     hidden,
     weight,
@@ -330,7 +329,8 @@ def rrhf_loss(
     """
     _check_options(length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend)
     _check_head(hidden, weight, bias)
-    _check_batch(hidden.shape[0], weight.shape[0], hidden.device, targets, cu_seqlens, rewards, cu_groups)
+    _check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)
+    _check_batch(hidden.shape[0], hidden.device, cu_seqlens, rewards, cu_groups)
     options = dict(
         length_penalty=length_penalty,
         rank_weight=rank_weight,
@@ -365,29 +365,56 @@ def rrhf_loss_from_logits(
     backend="auto",
 ) -> RRHFOutput:
     """The RRHF loss of a packed batch from [N, V] logits whose row n predicts targets[n]; as `rrhf_loss`."""
-    _check_options(length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend)
     _check_logits(logits)
-    _check_batch(logits.shape[0], logits.shape[1], logits.device, targets, cu_seqlens, rewards, cu_groups)
-    options = dict(
-        length_penalty=length_penalty,
-        rank_weight=rank_weight,
-        sft_weight=sft_weight,
-        margin=margin,
-        sft_reduction=sft_reduction,
-    )
+    _check_targets(targets, logits.shape[0], logits.shape[1], logits.device)
+    options = dict(length_penalty=length_penalty, rank_weight=rank_weight, sft_weight=sft_weight, margin=margin)
+    _check_options(**options, sft_reduction=sft_reduction, backend=backend)
     backend = _resolve_backend(backend, logits.device)
     if backend == "reference":
-        return reference.rrhf_loss_from_logits(logits, targets, cu_seqlens, rewards, cu_groups, **options)
-    impl = _impl(backend)
-    logp = LogprobFunction.apply(logits.contiguous(), targets.contiguous(), impl)
-    return _rank(logp, cu_seqlens, rewards, cu_groups, impl, **options)
+        _check_batch(logits.shape[0], logits.device, cu_seqlens, rewards, cu_groups)
+        return reference.rrhf_loss_from_logits(
+            logits, targets, cu_seqlens, rewards, cu_groups, **options, sft_reduction=sft_reduction
+        )
+    logp = LogprobFunction.apply(logits.contiguous(), targets.contiguous(), _impl(backend))
+    return rrhf_loss_from_logprobs(
+        logp, cu_seqlens, rewards, cu_groups, **options, sft_reduction=sft_reduction, backend=backend
+    )
+
+
+def rrhf_loss_from_logprobs(
+    logprobs,
+    cu_seqlens,
+    rewards,
+    cu_groups,
+    *,
+    length_penalty=1.0,
+    rank_weight=1.0,
+    sft_weight=1.0,
+    margin=0.0,
+    sft_reduction="mean",
+    backend="auto",
+) -> RRHFOutput:
+    """The RRHF loss from [N] per-token log-probabilities (from any model or kernel); as `rrhf_loss`."""
+    if logprobs.dim() != 1 or not logprobs.is_floating_point():
+        raise ValueError(f"logprobs must be a 1-D floating-point tensor [N], got {logprobs.dtype} {tuple(logprobs.shape)}")
+    _check_options(length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend)
+    _check_batch(logprobs.shape[0], logprobs.device, cu_seqlens, rewards, cu_groups)
+    backend = _resolve_backend(backend, logprobs.device)
+    options = (float(length_penalty), float(rank_weight), float(sft_weight), float(margin), sft_reduction)
+    if backend == "reference":
+        return reference.rrhf_loss_from_logprobs(logprobs, cu_seqlens, rewards, cu_groups, *options)
+    # The kernels work in fp32; the torch path keeps fp64 for fp64 inputs.
+    dtype = torch.float32 if backend == "triton" else torch.promote_types(logprobs.dtype, torch.float32)
+    rewards = rewards.to(dtype)
+    return RRHFOutput(*RankFunction.apply(logprobs.to(dtype), cu_seqlens, rewards, cu_groups, options, _impl(backend)))
 
 
 def sequence_scores(hidden, weight, targets, cu_seqlens, *, bias=None, length_penalty=1.0, backend="auto"):
     """[C] length-normalised log-probability of every candidate (the model as a reward model); differentiable."""
     _check_options(length_penalty, 1.0, 1.0, 0.0, "mean", backend)
     _check_head(hidden, weight, bias)
-    _check_batch(hidden.shape[0], weight.shape[0], hidden.device, targets, cu_seqlens)
+    _check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)
+    _check_batch(hidden.shape[0], hidden.device, cu_seqlens)
     backend = _resolve_backend(backend, hidden.device)
     if backend == "reference":
         return reference.sequence_scores(hidden, weight, targets, cu_seqlens, bias=bias, length_penalty=length_penalty)

@@ -37,9 +37,19 @@ def token_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> t
     return logp.gather(1, targets.long()[:, None])[:, 0]
 
 
-def _rrhf_from_token_logprobs(
-    logp, cu_seqlens, rewards, cu_groups, length_penalty, rank_weight, sft_weight, margin, sft_reduction
+def rrhf_loss_from_logprobs(
+    logp,
+    cu_seqlens,
+    rewards,
+    cu_groups,
+    length_penalty=1.0,
+    rank_weight=1.0,
+    sft_weight=1.0,
+    margin=0.0,
+    sft_reduction="mean",
 ) -> RRHFOutput:
+    """The RRHF loss from [N] per-token log-probabilities."""
+    logp = logp.to(_compute_dtype(logp))
     bounds = cu_seqlens.tolist()
     group_bounds = cu_groups.tolist()
     reward_list = rewards.tolist()
@@ -83,7 +93,7 @@ def rrhf_loss_from_logits(
 ) -> RRHFOutput:
     """The RRHF loss from [N, V] logits whose row n predicts targets[n]."""
     logp = token_logprobs_from_logits(logits, targets)
-    return _rrhf_from_token_logprobs(
+    return rrhf_loss_from_logprobs(
         logp, cu_seqlens, rewards, cu_groups, length_penalty, rank_weight, sft_weight, margin, sft_reduction
     )
 

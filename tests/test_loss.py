@@ -299,3 +299,16 @@ def test_auto_uses_triton_on_cuda():
     auto = rrhf_fast.rrhf_loss(**batch)
     triton = rrhf_fast.rrhf_loss(**batch, backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(auto, triton))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rrhf_loss_from_logprobs_matches_reference(backend):
+    """Per-token log-probabilities from elsewhere (another kernel, a peer library) ranked by our kernel."""
+    dtype = exact_dtype(backend)
+    tol = (1e-10, 1e-10) if dtype == torch.float64 else (2e-5, 2e-5)
+    batch = random_batch(seed=15, dtype=dtype)
+    logits = batch.pop("hidden") @ batch.pop("weight").T + batch.pop("bias")
+    batch["logprobs"] = reference.token_logprobs_from_logits(logits, batch.pop("targets")).detach().requires_grad_()
+    got = run(rrhf_fast.loss.rrhf_loss_from_logprobs, batch, ["logprobs"], seed=15, backend=backend, margin=0.1)
+    want = run(reference.rrhf_loss_from_logprobs, batch, ["logprobs"], seed=15, margin=0.1)
+    assert_match(got, want, *tol)
