@@ -1,7 +1,20 @@
 """rrhf_fast: RRHF preference alignment with fused kernels and prefix-shared candidates."""
 
 from rrhf_fast import reference
-from rrhf_fast.loss import rrhf_loss, rrhf_loss_from_logits, sequence_scores
+from rrhf_fast.batch import PackedBatch, pack_batch
+from rrhf_fast.loss import rrhf_loss, rrhf_loss_from_logits, rrhf_loss_from_logprobs, sequence_scores
+from rrhf_fast.prefix import model_loss, prefix_forward
 from rrhf_fast.reference import RRHFOutput
 
-__all__ = ["RRHFOutput", "reference", "rrhf_loss", "rrhf_loss_from_logits", "sequence_scores"]
+__all__ = [
+    "PackedBatch",
+    "RRHFOutput",
+    "model_loss",
+    "pack_batch",
+    "prefix_forward",
+    "reference",
+    "rrhf_loss",
+    "rrhf_loss_from_logits",
+    "rrhf_loss_from_logprobs",
+    "sequence_scores",
+]

@@ -1,0 +1,257 @@
+"""The prefix-shared forward: the hidden states that predict every response token of a PackedBatch, through a
+Hugging Face causal LM, with each prompt computed once for its k candidates.
+
+Re-encoding costs k(P + R) tokens of the model body per group; sharing the prompt costs P + kR.
+
+    "packed"    one pass over the batch's rows [prompt, cand_1, ..., cand_k, next group...]; position ids restart
+                at P for every candidate and an attention mask lets a token see earlier tokens of its own group that
+                are prompt tokens or tokens of its own candidate. The mask is a prepared [rows, 1, T, T] tensor for
+                "sdpa" (boolean) and "eager" (additive), a FlexAttention BlockMask for "flex_attention" on CUDA;
+                transformers passes a 4-D mask / BlockMask to the attention as it is.
+    "kv-cache"  per group, the prompt once with use_cache=True, the cache repeated to the k candidates, the
+                right-padded candidates run against it (causal attention keeps the padding out); gradients flow
+                through the cache. Works with any attention implementation that supports a cache and padding.
+    "none"      every candidate re-encoded after its prompt, right-padded, in one pass: the original RRHF code's
+                way, and the baseline for tests and benchmarks.
+    "auto"      "packed" where the attention implementation takes a prepared mask, else "kv-cache".
+
+Only the model body (`model.base_model`, which ends in the final norm) runs: the [tokens, vocab] logits are never
+formed; the loss applies the LM head (`model_loss` passes its weight and bias to `rrhf_fast.loss.rrhf_loss`).
+"""
+
+import torch
+
+from rrhf_fast.batch import PackedBatch
+from rrhf_fast.loss import rrhf_loss
+
+MODES = ("auto", "packed", "kv-cache", "none")
+
+# Attention implementations that take the packed mask, and the form it takes for each.
+_PACKED_MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+
+# Config fields that make the logits more than `hidden @ W^T + b`; a fused head loss would silently drop them.
+_NONLINEAR_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _body(model) -> torch.nn.Module:
+    """The decoder stack without the LM head; its last_hidden_state already has the final norm applied."""
+    body = model.base_model
+    if body is model or model.get_output_embeddings() is None:
+        raise ValueError(
+            f"{type(model).__name__} has no LM head: pass the causal LM (e.g. AutoModelForCausalLM), not its base model"
+        )
+    return body
+
+
+def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight [V, D] and bias [V] (None without one), after checking logits = hidden @ W^T + b."""
+    for name in _NONLINEAR_HEAD_FIELDS:
+        value = getattr(model.config, name, getattr(model, name, None))
+        # A softcap of any value, or a logit scale other than 1, changes the logits.
+        if value is not None and (name == "final_logit_softcapping" or value != 1):
+            raise ValueError(
+                f"{type(model).__name__} computes its logits with {name}={value}, not as a plain linear head of the final "
+                "hidden state, so the fused head loss would be wrong. Compute logits = model(...).logits for the response "
+                "tokens and use rrhf_fast.rrhf_loss_from_logits instead."
+            )
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"{type(model).__name__}'s output embeddings are a {type(head).__name__}, not a torch.nn.Linear; compute the "
+            "logits with the model and use rrhf_fast.rrhf_loss_from_logits instead"
+        )
+    return head.weight, head.bias
+
+
+def _attn_implementation(model) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def _is_checkpointing(model) -> bool:
+    # Read the layers' flag: the model-level property was renamed across transformers 5 releases.
+    return model.training and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _sliding_windows(config) -> tuple[int | None, bool]:
+    """(window, mixed): the sliding window of the model's sliding layers (None without any), and whether it also has
+    full-attention layers. Mistral-style configs set `sliding_window` for every layer; Qwen2/Gemma-style configs list
+    `layer_types`."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None:
+        return None, False
+    if layer_types is None:
+        return window, False
+    if "sliding_attention" not in layer_types:
+        return None, False
+    return window, any(t != "sliding_attention" for t in layer_types)
+
+
+def resolve_mode(model, mode: str = "auto") -> str:
+    """The mode prefix_forward will run, or a ValueError naming the mode to use instead."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    impl = _attn_implementation(model)
+    packed_ok = impl in _PACKED_MASK_IMPLEMENTATIONS and (impl != "flex_attention" or model.device.type == "cuda")
+    if mode == "auto":
+        return "packed" if packed_ok else "kv-cache"
+    if mode == "packed" and not packed_ok:
+        where = " on CPU" if impl == "flex_attention" else ""
+        raise ValueError(
+            f'mode="packed" needs attention that takes a prepared mask (sdpa, eager, or flex_attention on CUDA); this '
+            f'model uses {impl}{where}. Use mode="kv-cache", or load the model with attn_implementation="sdpa".'
+        )
+    if mode == "kv-cache" and _is_checkpointing(model):
+        raise ValueError(
+            'mode="kv-cache" cannot run under gradient checkpointing: transformers drops the cache inside checkpointed '
+            'layers, so the candidates would not see their prompt. Use mode="packed" (or "none").'
+        )
+    return mode
+
+
+def packed_attention_mask(batch: PackedBatch, attn_implementation: str, dtype: torch.dtype, window: int | None = None):
+    """The attention mask of the packed rows: [rows, 1, T, T] boolean (sdpa; True = attend), additive in `dtype`
+    (eager; 0 or the dtype's minimum) or a FlexAttention BlockMask (flex_attention).
+
+    Query q sees key k of the same row when k <= q, both belong to the same group, and k is a prompt token or a
+    token of q's own candidate (and, with a sliding window, position(q) - position(k) < window). Padding sees only
+    itself, so no row of the softmax is empty (an empty row gives NaN, which the backward would spread).
+    """
+    group, segment, position = batch.group_ids, batch.segment_ids, batch.position_ids
+
+    def allowed(b, q, k):
+        visible = (k <= q) & (group[b, q] == group[b, k]) & (group[b, q] >= 0)
+        visible = visible & ((segment[b, k] == -1) | (segment[b, k] == segment[b, q]))
+        if window is not None:
+            visible = visible & (position[b, q] - position[b, k] < window)
+        return visible | (q == k)
+
+    rows, width = group.shape
+    if attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(
+            lambda b, h, q, k: allowed(b, q, k), B=rows, H=None, Q_LEN=width, KV_LEN=width, device=group.device
+        )
+    b = torch.arange(rows, device=group.device)[:, None, None]  # [rows, 1, 1]
+    q = torch.arange(width, device=group.device)[None, :, None]  # [1, T, 1]
+    k = torch.arange(width, device=group.device)[None, None, :]  # [1, 1, T]
+    mask = allowed(b, q, k)[:, None]  # [rows, 1, T, T]
+    if attn_implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def _packed_mask_argument(model, batch: PackedBatch):
+    """The attention_mask argument for the body: one mask, or a {layer type: mask} dict for models that mix full
+    and sliding-window layers (transformers takes such a dict as the prepared masks of each layer type)."""
+    impl = _attn_implementation(model)
+    dtype = model.get_input_embeddings().weight.dtype
+    full = packed_attention_mask(batch, impl, dtype)
+    window, mixed = _sliding_windows(model.config)
+    # A window no shorter than the longest position never cuts anything: skip building a second mask.
+    if window is None or int(batch.position_ids.max()) < window:
+        return full
+    sliding = packed_attention_mask(batch, impl, dtype, window)
+    return {"full_attention": full, "sliding_attention": sliding} if mixed else sliding
+
+
+def _forward_packed(model, batch: PackedBatch) -> torch.Tensor:
+    out = _body(model)(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=_packed_mask_argument(model, batch),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state  # [rows, T, D]
+    return hidden.reshape(-1, hidden.shape[-1])[batch.hidden_index]
+
+
+def _candidate_lists(batch: PackedBatch):
+    """Python-side bounds: for every group its prompt ids [P] and the range of its candidates."""
+    flat_ids = batch.input_ids.reshape(-1)
+    starts, lengths = batch.prompt_starts.tolist(), batch.prompt_lengths.tolist()
+    prompts = [flat_ids[s : s + n] for s, n in zip(starts, lengths)]
+    return prompts, batch.cu_groups.tolist(), batch.cu_seqlens.tolist()
+
+
+def _right_padded(pieces: list[torch.Tensor], pad_value: int) -> torch.Tensor:
+    """[n, max len] ids, each piece followed by padding.
+
+    Right padding comes after every real token of its sequence, so causal attention alone keeps it out of the
+    real tokens: no padding mask is passed. (One would also leave the queries of padding beyond a sliding window
+    with nothing to attend to, and the NaN of an empty softmax row spreads through the next layer's values.)
+    """
+    width = max(p.numel() for p in pieces)
+    ids = pieces[0].new_full((len(pieces), width), pad_value)
+    for i, p in enumerate(pieces):
+        ids[i, : p.numel()] = p
+    return ids
+
+
+def _forward_kv_cache(model, batch: PackedBatch) -> torch.Tensor:
+    body = _body(model)
+    prompts, cu_groups, cu_seqlens = _candidate_lists(batch)
+    pieces = []
+    for g, prompt in enumerate(prompts):
+        first, last = cu_groups[g], cu_groups[g + 1]
+        k, plen = last - first, prompt.numel()
+        prompt_out = body(input_ids=prompt[None], use_cache=True)
+        cache = prompt_out.past_key_values
+        # Repeating the cache makes k views of one graph node, so the prompt's gradient sums over its candidates.
+        cache.batch_repeat_interleave(k)
+        cands = [batch.targets[cu_seqlens[c] : cu_seqlens[c + 1]] for c in range(first, last)]
+        ids = _right_padded(cands, batch.pad_token_id)  # [k, R]
+        positions = plen + torch.arange(ids.shape[1], device=ids.device)
+        cand_out = body(
+            input_ids=ids,
+            position_ids=positions[None].expand(k, -1),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        prompt_last = prompt_out.last_hidden_state[0, -1]  # [D]
+        for i, cand in enumerate(cands):
+            pieces.append(prompt_last[None])
+            pieces.append(cand_out.last_hidden_state[i, : cand.numel() - 1])
+    return torch.cat(pieces)
+
+
+def _forward_none(model, batch: PackedBatch) -> torch.Tensor:
+    prompts, cu_groups, cu_seqlens = _candidate_lists(batch)
+    sequences, spans = [], []  # spans: (prompt length, candidate length) of every sequence
+    for g, prompt in enumerate(prompts):
+        for c in range(cu_groups[g], cu_groups[g + 1]):
+            cand = batch.targets[cu_seqlens[c] : cu_seqlens[c + 1]]
+            sequences.append(torch.cat([prompt, cand]))
+            spans.append((prompt.numel(), cand.numel()))
+    ids = _right_padded(sequences, batch.pad_token_id)
+    hidden = _body(model)(input_ids=ids, use_cache=False).last_hidden_state
+    # Response token t of a sequence is predicted by position P - 1 + t.
+    return torch.cat([hidden[i, plen - 1 : plen - 1 + clen] for i, (plen, clen) in enumerate(spans)])
+
+
+_FORWARDS = {"packed": _forward_packed, "kv-cache": _forward_kv_cache, "none": _forward_none}
+
+
+def prefix_forward(model, batch: PackedBatch, mode: str = "auto") -> torch.Tensor:
+    """hidden [N, D]: row n is the final hidden state (after the final norm) that predicts batch.targets[n].
+
+    model   a Hugging Face causal LM (its body is run, its LM head is not)
+    batch   a PackedBatch (moved to the model's device here)
+    mode    "auto", "packed", "kv-cache" or "none" (see the module docstring); a mode this model or attention
+            implementation cannot serve raises ValueError naming the mode to use
+    """
+    mode = resolve_mode(model, mode)
+    return _FORWARDS[mode](model, batch.to(model.device))
+
+
+def model_loss(model, batch: PackedBatch, *, mode: str = "auto", **loss_options):
+    """The RRHF loss of `model` on `batch`: prefix_forward, then rrhf_fast.loss.rrhf_loss with the LM head's
+    weight and bias. loss_options go to rrhf_loss (length_penalty, rank_weight, sft_weight, margin,
+    sft_reduction, backend). Returns rrhf_loss's output (loss, rank_loss, sft_loss, scores)."""
+    weight, bias = lm_head(model)
+    batch = batch.to(model.device)
+    hidden = prefix_forward(model, batch, mode)
+    return rrhf_loss(
+        hidden, weight, batch.targets, batch.cu_seqlens, batch.rewards, batch.cu_groups, bias=bias, **loss_options
+    )

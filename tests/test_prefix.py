@@ -1,0 +1,238 @@
+"""prefix_forward and model_loss: every mode gives the same hidden states, loss and parameter gradients as
+re-encoding every candidate ("none"), on tiny random float64 models of several architectures.
+
+Tolerances are relative (norm of the difference over the norm of the reference). Llama-family RMSNorm and eager
+softmax run in float32 even in a float64 model, so equal maths still differs at ~1e-7: hence 1e-6.
+"""
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from rrhf_fast import reference
+from rrhf_fast.batch import pack_batch
+from rrhf_fast.prefix import lm_head, model_loss, prefix_forward, resolve_mode
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine the threads' barriers stall: one
+    thread runs this file ~100x faster there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+VOCAB = 101
+RTOL = 1e-6
+LOSS_OPTIONS = dict(margin=0.05, length_penalty=1.0, rank_weight=1.0, sft_weight=0.7)
+
+# Tiny configs: 32 wide, 2 layers. Each exercises something the packed forward must handle.
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+ARCHITECTURES = {
+    # rotary, GQA, final RMSNorm, tied input/output embeddings
+    "llama": lambda: LlamaForCausalLM(
+        LlamaConfig(**SMALL, intermediate_size=48, num_key_value_heads=2, tie_word_embeddings=True)
+    ),
+    # q/k/v biases; one full and one sliding-window layer, window 3: packed must pass a mask per layer type
+    "qwen2-sliding": lambda: Qwen2ForCausalLM(
+        Qwen2Config(**SMALL, intermediate_size=48, num_key_value_heads=2, use_sliding_window=True, sliding_window=3, max_window_layers=1)
+    ),
+    # every layer slides over a window of 4 positions
+    "mistral-sliding": lambda: MistralForCausalLM(
+        MistralConfig(**SMALL, intermediate_size=48, num_key_value_heads=2, sliding_window=4)
+    ),
+    # partial rotary, parallel residual, final LayerNorm
+    "gpt-neox": lambda: GPTNeoXForCausalLM(
+        GPTNeoXConfig(**SMALL, intermediate_size=48, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0)
+    ),
+    # absolute position embeddings, LayerNorm, tied embeddings, Conv1D projections
+    "gpt2": lambda: GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )
+    ),
+}
+
+
+def make_model(arch: str, attn: str, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    model = ARCHITECTURES[arch]()
+    model.set_attn_implementation(attn)
+    return model.to(dtype).eval()
+
+
+def random_groups(seed, ks=(1, 3, 5)):
+    """Groups with prompts of 1-6 tokens, k from `ks`, candidates of 1-5 tokens (one of length 1 at least), and
+    rewards drawn from {0, 1, 2} so that ties occur."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(1, VOCAB, (n,), generator=gen).tolist()
+
+    prompts, candidates, rewards = [], [], []
+    for k in ks:
+        prompts.append(ids(int(torch.randint(1, 7, (1,), generator=gen))))
+        lengths = [1] + torch.randint(1, 6, (k - 1,), generator=gen).tolist()
+        candidates.append([ids(n) for n in lengths])
+        rewards.append(torch.randint(0, 3, (k,), generator=gen).double().tolist())
+    return prompts, candidates, rewards
+
+
+def rel_err(actual, expected):
+    return float((actual - expected).detach().norm() / expected.detach().norm().clamp_min(1e-30))
+
+
+def loss_and_grads(model, batch, mode):
+    """Reference loss on prefix_forward's hidden states, and the gradient of every parameter."""
+    model.zero_grad(set_to_none=True)
+    hidden = prefix_forward(model, batch, mode)
+    weight, bias = lm_head(model)
+    out = reference.rrhf_loss(
+        hidden, weight, batch.targets, batch.cu_seqlens, batch.rewards, batch.cu_groups, bias=bias, **LOSS_OPTIONS
+    )
+    out.loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return hidden.detach(), out.loss.detach(), grads
+
+
+def assert_same(result, expected, rtol=RTOL):
+    (hidden, loss, grads), (hidden_ref, loss_ref, grads_ref) = result, expected
+    assert rel_err(hidden, hidden_ref) < rtol
+    assert rel_err(loss, loss_ref) < rtol
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        assert rel_err(grad, grads_ref[name]) < rtol, name
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_modes_match_reencoding(arch, attn):
+    model = make_model(arch, attn)
+    batch = pack_batch(*random_groups(seed=len(arch)))
+    expected = loss_and_grads(model, batch, "none")
+    for mode in ("packed", "kv-cache"):
+        assert_same(loss_and_grads(model, batch, mode), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_k_from_1_to_5_and_rows_of_one_group(arch):
+    """Packing five groups in one row gives the same result as one group per row, and both match re-encoding."""
+    model = make_model(arch, "sdpa")
+    groups = random_groups(seed=7, ks=(1, 2, 3, 4, 5))
+    one_row, one_group_per_row = pack_batch(*groups), pack_batch(*groups, max_tokens=1)
+    assert one_row.input_ids.shape[0] == 1 and one_group_per_row.input_ids.shape[0] == 5
+    expected = loss_and_grads(model, one_row, "none")
+    assert_same(loss_and_grads(model, one_row, "packed"), expected)
+    assert_same(loss_and_grads(model, one_group_per_row, "packed"), expected)
+    assert_same(loss_and_grads(model, one_group_per_row, "kv-cache"), expected)
+
+
+@pytest.mark.parametrize("mode", ["packed", "kv-cache", "none"])
+def test_pad_token_never_leaks(mode):
+    """Rows and candidates of different lengths get padding in every mode; its id changes nothing."""
+    model = make_model("llama", "sdpa")
+    groups = random_groups(seed=3)
+    first = prefix_forward(model, pack_batch(*groups, max_tokens=1, pad_token_id=0), mode)
+    second = prefix_forward(model, pack_batch(*groups, max_tokens=1, pad_token_id=VOCAB - 1), mode)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_model_loss_matches_full_model_logits(arch):
+    """Body + LM head (with a bias, to check it is passed) = the model's own logits: the final norm, tied
+    embeddings and head are all accounted for."""
+    model = make_model(arch, "sdpa")
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.bias = torch.nn.Parameter(torch.randn(VOCAB, dtype=torch.float64))
+    batch = pack_batch(*random_groups(seed=11, ks=(2, 3)))
+    out = model_loss(model, batch, backend="reference", **LOSS_OPTIONS)
+
+    logits = []
+    cu_groups, cu_seqlens = batch.cu_groups.tolist(), batch.cu_seqlens.tolist()
+    flat_ids = batch.input_ids.reshape(-1)
+    for g in range(batch.num_groups):
+        start, plen = int(batch.prompt_starts[g]), int(batch.prompt_lengths[g])
+        for c in range(cu_groups[g], cu_groups[g + 1]):
+            cand = batch.targets[cu_seqlens[c] : cu_seqlens[c + 1]]
+            sequence = torch.cat([flat_ids[start : start + plen], cand])
+            logits.append(model(input_ids=sequence[None]).logits[0, plen - 1 : -1])
+    expected = reference.rrhf_loss_from_logits(
+        torch.cat(logits), batch.targets, batch.cu_seqlens, batch.rewards, batch.cu_groups, **LOSS_OPTIONS
+    )
+    assert rel_err(out.loss, expected.loss) < RTOL
+    assert rel_err(out.scores, expected.scores) < RTOL
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing(use_reentrant):
+    """Packed runs under gradient checkpointing with the same gradients; kv-cache refuses (the cache is dropped
+    inside checkpointed layers) and auto picks packed."""
+    model = make_model("llama", "sdpa")
+    batch = pack_batch(*random_groups(seed=5))
+    expected = loss_and_grads(model, batch, "none")
+    # Renamed in later transformers 5 releases; either spelling turns on the layers' checkpointing.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": use_reentrant})
+    model.train()
+    assert_same(loss_and_grads(model, batch, "packed"), expected)
+    assert resolve_mode(model, "auto") == "packed"
+    with pytest.raises(ValueError, match='Use mode="packed"'):
+        prefix_forward(model, batch, "kv-cache")
+
+
+@pytest.mark.parametrize("mode", ["packed", "kv-cache"])
+def test_bf16_autocast(mode):
+    """Under bf16 autocast on a float32 model, every mode stays within bf16 rounding of re-encoding."""
+    model = make_model("llama", "sdpa", dtype=torch.float32)
+    batch = pack_batch(*random_groups(seed=9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = prefix_forward(model, batch, "none").float()
+        hidden = prefix_forward(model, batch, mode).float()
+        hidden.sum().backward()
+    assert rel_err(hidden, expected) < 3e-2
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_auto_picks_packed_where_a_mask_can_be_passed(attn):
+    assert resolve_mode(make_model("gpt2", attn), "auto") == "packed"
+
+
+def test_modes_that_cannot_serve_say_which_to_use():
+    model = make_model("llama", "sdpa")
+    model.config._attn_implementation = "flash_attention_2"  # what a model loaded with flash-attn reports
+    with pytest.raises(ValueError, match='Use mode="kv-cache"'):
+        resolve_mode(model, "packed")
+    assert resolve_mode(model, "auto") == "kv-cache"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        resolve_mode(model, "shared")
+
+
+def test_nonlinear_heads_are_refused():
+    model = make_model("llama", "sdpa")
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="rrhf_loss_from_logits"):
+        model_loss(model, pack_batch([[1]], [[[2]]], [[0.0]]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention BlockMask needs CUDA")
+def test_flex_attention_block_mask_on_cuda():
+    model = make_model("llama", "flex_attention", dtype=torch.float32).cuda()
+    batch = pack_batch(*random_groups(seed=13, ks=(2, 4)))
+    expected = loss_and_grads(model, batch, "none")
+    assert_same(loss_and_grads(model, batch, "packed"), expected, rtol=1e-4)
