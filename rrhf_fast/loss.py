@@ -22,6 +22,7 @@ from rrhf_fast.reference import RRHFOutput
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 SFT_REDUCTIONS = ("mean", "sum")
+OPTION_NAMES = ("length_penalty", "rank_weight", "sft_weight", "margin", "sft_reduction")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,6 +293,11 @@ class LinearRRHFFunction(torch.autograd.Function):
 # The public functions.
 
 
+def _option_tuple(length_penalty, rank_weight, sft_weight, margin, sft_reduction):
+    """The loss options as the hashable tuple the Functions and implementations take (order: OPTION_NAMES)."""
+    return float(length_penalty), float(rank_weight), float(sft_weight), float(margin), sft_reduction
+
+
 def _head_like(hidden, weight, bias):
     # A head in another dtype (fp32 master weights under bf16 autocast) is cast to the hidden states' dtype,
     # as autocast does for a linear layer; autograd carries the gradient back through the cast.
@@ -331,23 +337,22 @@ def rrhf_loss(
     _check_head(hidden, weight, bias)
     _check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)
     _check_batch(hidden.shape[0], hidden.device, cu_seqlens, rewards, cu_groups)
-    options = dict(
-        length_penalty=length_penalty,
-        rank_weight=rank_weight,
-        sft_weight=sft_weight,
-        margin=margin,
-        sft_reduction=sft_reduction,
-    )
+    options = _option_tuple(length_penalty, rank_weight, sft_weight, margin, sft_reduction)
     backend = _resolve_backend(backend, hidden.device)
     if backend == "reference":
-        return reference.rrhf_loss(hidden, weight, targets, cu_seqlens, rewards, cu_groups, bias=bias, **options)
+        return reference.rrhf_loss(
+            hidden, weight, targets, cu_seqlens, rewards, cu_groups, bias=bias, **dict(zip(OPTION_NAMES, options))
+        )
     weight, bias = _head_like(hidden, weight, bias)
-    grads = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    if not torch.is_grad_enabled():
-        grads = (False, False, False)
-    packed = (targets.contiguous(), cu_seqlens, rewards, cu_groups)
-    flat = tuple(float(options[k]) for k in ("length_penalty", "rank_weight", "sft_weight", "margin")) + (sft_reduction,)
-    return RRHFOutput(*LinearRRHFFunction.apply(hidden.contiguous(), weight, bias, *packed, flat, _impl(backend), grads))
+    # Gradients the forward sweep should compute along the way (none under torch.no_grad, e.g. evaluation).
+    grads = tuple(
+        torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    return RRHFOutput(
+        *LinearRRHFFunction.apply(
+            hidden.contiguous(), weight, bias, targets.contiguous(), cu_seqlens, rewards, cu_groups, options, _impl(backend), grads
+        )
+    )
 
 
 def rrhf_loss_from_logits(
@@ -400,9 +405,11 @@ def rrhf_loss_from_logprobs(
     _check_options(length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend)
     _check_batch(logprobs.shape[0], logprobs.device, cu_seqlens, rewards, cu_groups)
     backend = _resolve_backend(backend, logprobs.device)
-    options = (float(length_penalty), float(rank_weight), float(sft_weight), float(margin), sft_reduction)
+    options = _option_tuple(length_penalty, rank_weight, sft_weight, margin, sft_reduction)
     if backend == "reference":
-        return reference.rrhf_loss_from_logprobs(logprobs, cu_seqlens, rewards, cu_groups, *options)
+        return reference.rrhf_loss_from_logprobs(
+            logprobs, cu_seqlens, rewards, cu_groups, **dict(zip(OPTION_NAMES, options))
+        )
     # The kernels work in fp32; the torch path keeps fp64 for fp64 inputs.
     dtype = torch.float32 if backend == "triton" else torch.promote_types(logprobs.dtype, torch.float32)
     rewards = rewards.to(dtype)

@@ -38,10 +38,11 @@ def token_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> t
 
 
 def rrhf_loss_from_logprobs(
-    logp,
+    logprobs,
     cu_seqlens,
     rewards,
     cu_groups,
+    *,
     length_penalty=1.0,
     rank_weight=1.0,
     sft_weight=1.0,
@@ -49,7 +50,7 @@ def rrhf_loss_from_logprobs(
     sft_reduction="mean",
 ) -> RRHFOutput:
     """The RRHF loss from [N] per-token log-probabilities."""
-    logp = logp.to(_compute_dtype(logp))
+    logp = logprobs.to(_compute_dtype(logprobs))
     bounds = cu_seqlens.tolist()
     group_bounds = cu_groups.tolist()
     reward_list = rewards.tolist()
@@ -94,7 +95,15 @@ def rrhf_loss_from_logits(
     """The RRHF loss from [N, V] logits whose row n predicts targets[n]."""
     logp = token_logprobs_from_logits(logits, targets)
     return rrhf_loss_from_logprobs(
-        logp, cu_seqlens, rewards, cu_groups, length_penalty, rank_weight, sft_weight, margin, sft_reduction
+        logp,
+        cu_seqlens,
+        rewards,
+        cu_groups,
+        length_penalty=length_penalty,
+        rank_weight=rank_weight,
+        sft_weight=sft_weight,
+        margin=margin,
+        sft_reduction=sft_reduction,
     )
 
 
