@@ -321,21 +321,22 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def _config(device: torch.device) -> dict:
-    """Tile sizes. GPU: a 64 x 128 fp32 logits tile is 32 KB of registers (64 per thread at 4 warps), the
-    largest that leaves room for the operands; BLOCK_D = 64 makes each bf16 operand tile 8 KB / 16 KB of
-    shared memory so three pipeline stages fit. Under the interpreter everything is 16 / 32 / 16 (tl.dot's
-    minimum is 16) so that the tiny test shapes cross several tiles in every dimension, masks included."""
-    if device.type == "cuda":
-        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, UPCAST_DOT=False)
-    return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, UPCAST_DOT=True)
+def _config(device: torch.device, dtype: torch.dtype, backward: bool) -> dict:
+    """Tile sizes and launch options, checked against ptxas (sm_90a) for register spills.
 
-
-def _launch_opts(device: torch.device, backward: bool) -> dict:
+    GPU, bf16 / fp16: BLOCK_N x BLOCK_V = 64 x 128 keeps the fp32 logits tile at 32 regs per thread with
+    8 warps; BLOCK_D = 64 in the forward (3 pipeline stages of 8 KB + 16 KB operand tiles) and 32 in the
+    backward, whose extra dz tile and [64, BLOCK_D] accumulator spill registers at 64. fp32 (ieee products
+    run on the FMA units, which hold operands in registers): 64 x 64 x 32 is the largest spill-free tile.
+    Under the interpreter everything is 16 / 32 / 16 (tl.dot's minimum is 16) so that the tiny test shapes
+    cross several tiles in every dimension, ragged edges included."""
     if device.type != "cuda":
-        return dict(num_warps=1)
-    # the backward holds z, dz and a [64, 64] accumulator at once: 8 warps keep it out of local memory
-    return dict(num_warps=8, num_stages=2) if backward else dict(num_warps=4, num_stages=3)
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, UPCAST_DOT=True, num_warps=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, UPCAST_DOT=False, num_warps=8, num_stages=2)
+    if backward:
+        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, UPCAST_DOT=False, num_warps=8, num_stages=2)
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, UPCAST_DOT=False, num_warps=8, num_stages=3)
 
 
 def _n_splits(n_blocks: int, n_tiles: int, device: torch.device, requested, bytes_per_split: int) -> int:
@@ -369,8 +370,8 @@ def linear_logprob_fwd(hidden, weight, bias, targets, *, split_v=None, allow_tf3
     N, D = hidden.shape
     V = weight.shape[0]
     device = hidden.device
-    cfg = _config(device)
     precision = _dot_precision(hidden.dtype, weight.dtype, allow_tf32)
+    cfg = _config(device, hidden.dtype, backward=False)
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
         return empty, empty.clone()
@@ -382,7 +383,7 @@ def linear_logprob_fwd(hidden, weight, bias, targets, *, split_v=None, allow_tf3
     _linear_logprob_fwd_kernel[(n_blocks, split)](
         hidden, weight, bias if bias is not None else hidden, targets, part[0], part[1], part[2],
         N, V, D, hidden.stride(0), weight.stride(0), v_per_split,
-        HAS_BIAS=bias is not None, DOT_PRECISION=precision, **cfg, **_launch_opts(device, backward=False),
+        HAS_BIAS=bias is not None, DOT_PRECISION=precision, **cfg,
     )
     # merge the splits: lse = logsumexp_s(m_s + log s_s); every split holds a real column, so s_s >= 1
     lse = torch.logsumexp(part[0] + torch.log(part[1]), dim=0)
@@ -406,13 +407,12 @@ def linear_logprob_bwd(
     N, D = hidden.shape
     V = weight.shape[0]
     device = hidden.device
-    cfg = _config(device)
-    opts = _launch_opts(device, backward=True)
     precision = _dot_precision(hidden.dtype, weight.dtype, allow_tf32)
+    cfg = _config(device, hidden.dtype, backward=True)
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else hidden
     want_db = has_bias and compute_dw
-    common = dict(HAS_BIAS=has_bias, DOT_PRECISION=precision, **cfg, **opts)
+    common = dict(HAS_BIAS=has_bias, DOT_PRECISION=precision, **cfg)
     n_blocks, v_blocks = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
     dh = dw = db = None
     if N == 0:
