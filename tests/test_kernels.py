@@ -29,6 +29,12 @@ LINEAR_FWD_TOLS = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-5, 1e-5), (t
 LINEAR_BWD_TOLS = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 3e-2, 3e-2), (torch.float16, 4e-3, 4e-3)]
 
 
+def _tols(rows):
+    """pytest params named after the dtype: test_x[bfloat16] rather than test_x[dtype1-0.01-0.01]."""
+    return [pytest.param(*row, id="-".join(str(x).replace("torch.", "") for x in row if not isinstance(x, float)))
+            for row in rows]
+
+
 def _close(actual, expected, atol, rtol):
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol)
 
@@ -48,7 +54,7 @@ def _f64(t):
 # ------------------------------------------------------------------------------------------- logits level
 
 
-@pytest.mark.parametrize("dtype, atol, rtol", LOGITS_FWD_TOLS)
+@pytest.mark.parametrize("dtype, atol, rtol", _tols(LOGITS_FWD_TOLS))
 def test_logprob_fwd_matches_reference(dtype, atol, rtol):
     logits = (torch.randn(N, V, device=DEVICE) * 4).to(dtype)
     targets = torch.randint(0, V, (N,), device=DEVICE)
@@ -58,8 +64,8 @@ def test_logprob_fwd_matches_reference(dtype, atol, rtol):
     _close(lse, torch.logsumexp(logits.double(), dim=-1), atol, rtol)
 
 
-@pytest.mark.parametrize("inplace", [False, True])
-@pytest.mark.parametrize("dtype, atol, rtol", LOGITS_BWD_TOLS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+@pytest.mark.parametrize("dtype, atol, rtol", _tols(LOGITS_BWD_TOLS))
 def test_logprob_bwd_matches_autograd(dtype, atol, rtol, inplace):
     logits = (torch.randn(N, V, device=DEVICE) * 4).to(dtype)
     targets = torch.randint(0, V, (N,), device=DEVICE)
@@ -100,8 +106,8 @@ def test_logprob_extreme_logits_stay_finite():
 # --------------------------------------------------------------------------------------- fused linear form
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("dtype, atol, rtol", LINEAR_FWD_TOLS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype, atol, rtol", _tols(LINEAR_FWD_TOLS))
 def test_linear_logprob_fwd_matches_reference(dtype, atol, rtol, with_bias):
     hidden, weight, bias, targets = _linear_inputs(dtype, with_bias)
     logits = reference._logits(hidden.double(), weight.double(), _f64(bias))
@@ -127,10 +133,11 @@ BWD_MODES = [dict(), dict(split_v=2, split_n=3), dict(deterministic=False)]
 
 
 # every reduction mode in fp32; bf16 / fp16 run the default (deterministic) mode
-BWD_CASES = [(*tols, mode) for tols in LINEAR_BWD_TOLS for mode in (BWD_MODES if tols[0] == torch.float32 else BWD_MODES[:1])]
+BWD_CASES = [pytest.param(*tols, mode, id=f"{str(tols[0])[6:]}-{name}") for tols in LINEAR_BWD_TOLS
+             for mode, name in zip(BWD_MODES, ("deterministic", "split", "atomic")) if tols[0] == torch.float32 or not mode]
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("dtype, atol, rtol, mode", BWD_CASES)
 def test_linear_logprob_bwd_matches_autograd(dtype, atol, rtol, mode, with_bias):
     hidden, weight, bias, targets = _linear_inputs(dtype, with_bias)
@@ -244,7 +251,7 @@ def test_rank_fwd_matches_direct_computation(alpha, margin, sft_reduction):
     assert out[4].tolist() == [1, 4, 5, 7]  # first on ties
 
 
-@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
 @pytest.mark.parametrize("alpha, margin, sft_reduction", OPTIONS)
 def test_rank_kernels_compose_with_reference_autograd(alpha, margin, sft_reduction, cu_dtype):
     """logprob_fwd -> rank_fwd -> rank_bwd -> logprob_bwd against autograd of reference.rrhf_loss_from_logits,
@@ -351,7 +358,7 @@ def test_linear_logprob_int64_offsets_past_2_pow_31():
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-4, 1e-4), (torch.bfloat16, 3e-2, 3e-2)])
+@pytest.mark.parametrize("dtype, atol, rtol", _tols([(torch.float32, 1e-4, 1e-4), (torch.bfloat16, 3e-2, 3e-2)]))
 def test_linear_logprob_gpu_tiles_match_reference(dtype, atol, rtol):
     """GPU block sizes (64 / 128 / 64) on ragged shapes, forward and both backward modes."""
     n, v, d = 333, 1_999, 272
