@@ -33,7 +33,15 @@ def parse_args():
     parser.add_argument("--vocab", type=int, default=1024, help="vocabulary size")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flex_attention)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time; cpu: this process's CPU time, which with --threads 1 leaves out the time other "
+        "processes take the core (use it on a shared machine; CPU only)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per mode (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per mode")
     parser.add_argument("--modes", default="none,packed,kv-cache", help="comma-separated modes; the first is the baseline")
@@ -45,33 +53,35 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_once(model, batch, mode, upstream) -> float:
+def run_once(model, batch, mode, upstream, clock) -> float:
     """Seconds of one forward + backward in `mode`."""
     model.zero_grad(set_to_none=True)
     _sync(upstream.device)
-    start = time.perf_counter()
+    start = clock()
     hidden = prefix_forward(model, batch, mode)
     hidden.backward(upstream.to(hidden.dtype))
     _sync(upstream.device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def time_modes(model, batch, modes, upstream, repeats, warmup) -> dict[str, list[float]]:
+def time_modes(model, batch, modes, upstream, repeats, warmup, clock) -> dict[str, list[float]]:
     """Seconds of every timed repetition of each mode. The modes take turns within each round, so that load from
     other processes on a shared machine falls on all of them alike."""
     for _ in range(warmup):
         for mode in modes:
-            run_once(model, batch, mode, upstream)
+            run_once(model, batch, mode, upstream, clock)
     times = {mode: [] for mode in modes}
     for _ in range(repeats):
         for mode in modes:
-            times[mode].append(run_once(model, batch, mode, upstream))
+            times[mode].append(run_once(model, batch, mode, upstream, clock))
     return times
 
 
 def main():
     args = parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=args.vocab,
@@ -95,10 +105,11 @@ def main():
     modes = args.modes.split(",")
     print(
         f"Llama hidden={args.hidden} layers={args.layers} heads={args.heads} vocab={args.vocab} attn={args.attn} "
-        f"{args.device} {args.dtype} threads={torch.get_num_threads()}; P={P} R={R} k={k} groups={args.groups} "
+        f"{args.device} {args.dtype} threads={torch.get_num_threads()} clock={args.clock}; P={P} R={R} k={k} groups={args.groups} "
         f"rows={batch.input_ids.shape[0]}x{batch.input_ids.shape[1]}; ideal speedup {ideal:.3f}x"
     )
-    times = time_modes(model, batch, modes, upstream, args.repeats, args.warmup)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    times = time_modes(model, batch, modes, upstream, args.repeats, args.warmup, clock)
     # The median is the typical figure; the minimum is the least disturbed by other load on a shared machine.
     print(f"{'mode':>10} {'median ms':>10} {'min ms':>8} {'speedup':>8} {'of ideal':>9} {'speedup(min)':>13} {'of ideal':>9}")
     for mode in modes:

@@ -13,7 +13,7 @@ Re-encoding costs k(P + R) tokens of the model body per group; sharing the promp
                 through the cache. Works with any attention implementation that supports a cache and padding.
     "none"      every candidate re-encoded after its prompt, right-padded, in one pass: the original RRHF code's
                 way, and the baseline for tests and benchmarks.
-    "auto"      "packed" where the attention implementation takes a prepared mask, else "kv-cache".
+    "auto"      "packed" under FlexAttention on CUDA or gradient checkpointing, else "kv-cache" (see resolve_mode).
 
 Only the model body (`model.base_model`, which ends in the final norm) runs: the [tokens, vocab] logits are never
 formed; the loss applies the LM head (`model_loss` passes its weight and bias to `rrhf_fast.loss.rrhf_loss`).
@@ -88,23 +88,34 @@ def _sliding_windows(config) -> tuple[int | None, bool]:
 
 
 def resolve_mode(model, mode: str = "auto") -> str:
-    """The mode prefix_forward will run, or a ValueError naming the mode to use instead."""
+    """The mode prefix_forward will run, or a ValueError naming the mode to use instead.
+
+    "auto" picks "packed" under FlexAttention on CUDA (its BlockMask skips the masked blocks) and under gradient
+    checkpointing (which "kv-cache" cannot run under), else "kv-cache": a dense [T, T] mask makes SDPA and eager
+    compute every masked pair of a packed row, while the cache attends over k R (P + R) pairs per group, the least
+    of the three; on a 2-core CPU it measured at least as fast as "packed" (benchmarks/bench_prefix.py).
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     impl = _attn_implementation(model)
     packed_ok = impl in _PACKED_MASK_IMPLEMENTATIONS and (impl != "flex_attention" or model.device.type == "cuda")
+    checkpointing = _is_checkpointing(model)
     if mode == "auto":
-        return "packed" if packed_ok else "kv-cache"
+        if checkpointing:
+            return "packed" if packed_ok else "none"
+        return "packed" if packed_ok and impl == "flex_attention" else "kv-cache"
     if mode == "packed" and not packed_ok:
-        where = " on CPU" if impl == "flex_attention" else ""
+        where = f" on {model.device.type}" if impl == "flex_attention" else ""
+        instead = 'mode="none"' if checkpointing else 'mode="kv-cache"'
         raise ValueError(
             f'mode="packed" needs attention that takes a prepared mask (sdpa, eager, or flex_attention on CUDA); this '
-            f'model uses {impl}{where}. Use mode="kv-cache", or load the model with attn_implementation="sdpa".'
+            f'model uses {impl}{where}. Use {instead}, or load the model with attn_implementation="sdpa".'
         )
-    if mode == "kv-cache" and _is_checkpointing(model):
+    if mode == "kv-cache" and checkpointing:
+        instead = 'mode="packed"' if packed_ok else 'mode="none"'
         raise ValueError(
             'mode="kv-cache" cannot run under gradient checkpointing: transformers drops the cache inside checkpointed '
-            'layers, so the candidates would not see their prompt. Use mode="packed" (or "none").'
+            f"layers, so the candidates would not see their prompt. Use {instead}."
         )
     return mode
 
@@ -198,6 +209,11 @@ def _forward_kv_cache(model, batch: PackedBatch) -> torch.Tensor:
         k, plen = last - first, prompt.numel()
         prompt_out = body(input_ids=prompt[None], use_cache=True)
         cache = prompt_out.past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):
+            raise ValueError(
+                f'mode="kv-cache" needs a cache that can be repeated over candidates; {type(model).__name__} returned '
+                f'{type(cache).__name__}. Use mode="packed" (or "none").'
+            )
         # Repeating the cache makes k views of one graph node, so the prompt's gradient sums over its candidates.
         cache.batch_repeat_interleave(k)
         cands = [batch.targets[cu_seqlens[c] : cu_seqlens[c + 1]] for c in range(first, last)]

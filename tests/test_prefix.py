@@ -74,6 +74,14 @@ def make_model(arch: str, attn: str, dtype=torch.float64, seed=0):
     return model.to(dtype).eval()
 
 
+def enable_checkpointing(model, use_reentrant=False):
+    """Gradient checkpointing on, in training mode (the only mode where transformers checkpoints)."""
+    # Renamed in later transformers 5 releases; either spelling takes the checkpoint kwargs first.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": use_reentrant})
+    model.train()
+
+
 def random_groups(seed, ks=(1, 3, 5)):
     """Groups with prompts of 1-6 tokens, k from `ks`, candidates of 1-5 tokens (one of length 1 at least), and
     rewards drawn from {0, 1, 2} so that ties occur."""
@@ -175,6 +183,8 @@ def test_model_loss_matches_full_model_logits(arch):
     )
     assert rel_err(out.loss, expected.loss) < RTOL
     assert rel_err(out.scores, expected.scores) < RTOL
+    # The default backend (the chunked PyTorch path on CPU) gives the same loss.
+    assert rel_err(model_loss(model, batch, **LOSS_OPTIONS).loss, expected.loss) < RTOL
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -184,10 +194,7 @@ def test_gradient_checkpointing(use_reentrant):
     model = make_model("llama", "sdpa")
     batch = pack_batch(*random_groups(seed=5))
     expected = loss_and_grads(model, batch, "none")
-    # Renamed in later transformers 5 releases; either spelling turns on the layers' checkpointing.
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": use_reentrant})
-    model.train()
+    enable_checkpointing(model, use_reentrant)
     assert_same(loss_and_grads(model, batch, "packed"), expected)
     assert resolve_mode(model, "auto") == "packed"
     with pytest.raises(ValueError, match='Use mode="packed"'):
@@ -208,8 +215,8 @@ def test_bf16_autocast(mode):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_auto_picks_packed_where_a_mask_can_be_passed(attn):
-    assert resolve_mode(make_model("gpt2", attn), "auto") == "packed"
+def test_auto_picks_the_cache_with_a_dense_mask(attn):
+    assert resolve_mode(make_model("gpt2", attn), "auto") == "kv-cache"
 
 
 def test_modes_that_cannot_serve_say_which_to_use():
@@ -220,6 +227,13 @@ def test_modes_that_cannot_serve_say_which_to_use():
     assert resolve_mode(model, "auto") == "kv-cache"
     with pytest.raises(ValueError, match="mode must be one of"):
         resolve_mode(model, "shared")
+    # Under checkpointing neither packed (this attention) nor kv-cache can serve: only re-encoding is left.
+    enable_checkpointing(model)
+    assert resolve_mode(model, "auto") == "none"
+    with pytest.raises(ValueError, match='Use mode="none"'):
+        resolve_mode(model, "kv-cache")
+    with pytest.raises(ValueError, match='Use mode="none"'):
+        resolve_mode(model, "packed")
 
 
 def test_nonlinear_heads_are_refused():
