@@ -18,9 +18,10 @@ Maths: DESIGN.md section 2 and kernels/README.md.
 
 import torch
 
-# A chunk of logits holds about this many fp32 elements (32 MiB): small enough to stay near the cache and to
-# keep the peak far below the naive path's, large enough that each chunk's matmul runs at full speed.
-CHUNK_ELEMENTS = 1 << 25
+# A chunk of logits holds about this many elements (64 MiB in fp32, 512 rows of a 32k vocabulary): small
+# enough to keep the peak far below the naive path's several [N, V] tensors, large enough that each chunk's
+# matmuls run near full speed.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -269,6 +270,7 @@ def linear_rrhf_fwd(hidden, weight, bias, targets, cu_seqlens, rewards, cu_group
         if want_db:
             db += dz.sum(0)
         _multiply_out(dz, h, weight, dh[t0:t1] if want_dh else None, dw)
+        del dz  # free this chunk's buffer before the next one is allocated
 
     scores, coef = (torch.cat(parts) for parts in zip(*per_candidate))
     rank, sft, best = (torch.cat(parts) for parts in zip(*per_group))

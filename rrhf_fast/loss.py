@@ -260,7 +260,11 @@ class LinearRRHFFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_rank_loss, grad_sft_loss, grad_scores):
         hidden, weight, bias, targets, cu_seqlens, cu_groups, coef, best, lse = ctx.saved_tensors
-        grads = [None if g is None or grad_loss is None else g * grad_loss.to(g.dtype) for g in ctx.loss_grads]
+        if ctx.loss_grads is None:
+            raise RuntimeError("rrhf_loss's backward runs once per forward: call rrhf_loss again to differentiate again")
+        # The stored gradients are this Function's own: scale them in place rather than copy a [V, D] tensor.
+        grads = [None if g is None or grad_loss is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.loss_grads]
+        ctx.loss_grads = None
         if grad_rank_loss is not None or grad_sft_loss is not None or grad_scores is not None:
             zero = coef.new_zeros(())
             grad_logp = _rank_grad_logp(

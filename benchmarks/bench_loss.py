@@ -1,0 +1,274 @@
+"""The RRHF loss head, forward + backward, for every provider against the naive reference.
+
+Each provider turns hidden states [N, D] and an LM head [V, D] into the same RRHF loss over a packed batch
+(groups of k = 4 candidates of 64 tokens) and back into gradients of both. Reported per size and provider:
+median time after warm-up, time as a multiple of the reference's and of the 6NVD matmul floor measured in
+the same run (three [N, D] x [D, V] matmuls at this machine's rate), and the peak extra memory of one call
+(CUDA: max_memory_allocated; CPU: resident-set growth in a fresh process per provider).
+
+Providers (each checked against the reference before it is timed; absent libraries are skipped):
+    reference           rrhf_fast.reference: full logits, log_softmax, gather, Python loops
+    reference-compile   the same under torch.compile
+    torch               backend="torch": chunked one-sweep PyTorch path
+    triton              backend="triton": the one-sweep path with the Triton elementwise and rank kernels
+    triton-tiled        the tiled two-pass Triton kernel (tl.dot over tiles, no logits buffer at all)
+    triton-logits       full logits by one matmul, then the Triton logits-level kernels
+    torch-linear-ce     torch's F.linear_cross_entropy(reduction="none", chunked) + our ranking
+    liger, cce          Liger-Kernel / Cut Cross-Entropy per-token losses + our ranking
+
+    python benchmarks/bench_loss.py                          # CPU sweep, 2 threads, a few minutes
+    python benchmarks/bench_loss.py --device cuda            # GPU sizes: N 2048..16384, D 4096, V 32000/128256, bf16
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import report
+import rrhf_fast
+from rrhf_fast import reference
+from rrhf_fast.loss import LinearLogprobFunction, rrhf_loss_from_logprobs
+
+CANDIDATES_PER_GROUP, TOKENS_PER_CANDIDATE = 4, 64
+CPU_PROVIDERS = ["reference", "reference-compile", "torch", "torch-linear-ce"]
+CUDA_PROVIDERS = [
+    "reference",
+    "reference-compile",
+    "torch",
+    "triton",
+    "triton-tiled",
+    "triton-logits",
+    "torch-linear-ce",
+    "liger",
+    "cce",
+]
+
+
+def make_inputs(num_tokens, dim, vocab, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_candidates = num_tokens // TOKENS_PER_CANDIDATE
+    return dict(
+        hidden=torch.randn(num_tokens, dim, generator=gen).to(device, dtype).requires_grad_(),
+        weight=(torch.randn(vocab, dim, generator=gen) / dim**0.5).to(device, dtype).requires_grad_(),
+        targets=torch.randint(0, vocab, (num_tokens,), generator=gen).to(device),
+        cu_seqlens=torch.arange(0, num_tokens + 1, TOKENS_PER_CANDIDATE, device=device),
+        rewards=torch.randn(num_candidates, generator=gen).to(device),
+        cu_groups=torch.arange(0, num_candidates + 1, CANDIDATES_PER_GROUP, device=device),
+    )
+
+
+def _rank_after(per_token_loss, x):
+    """Peers give per-token cross-entropy; our ranking kernel turns -CE (= logp) into the same RRHF loss."""
+    return rrhf_loss_from_logprobs(-per_token_loss.float(), x["cu_seqlens"], x["rewards"], x["cu_groups"])
+
+
+def provider_fn(name):
+    """name -> function(inputs) -> RRHFOutput, or raise ImportError where the provider is not installed."""
+    if name == "reference":
+        return lambda x: reference.rrhf_loss(**x)
+    if name == "reference-compile":
+        compiled = torch.compile(reference.rrhf_loss)
+        return lambda x: compiled(**x)
+    if name in ("torch", "triton"):
+        return lambda x: rrhf_fast.rrhf_loss(**x, backend=name)
+    if name == "triton-tiled":
+        from rrhf_fast import kernels
+
+        def tiled(x):
+            logp = LinearLogprobFunction.apply(x["hidden"], x["weight"], None, x["targets"], kernels)
+            return rrhf_loss_from_logprobs(logp, x["cu_seqlens"], x["rewards"], x["cu_groups"], backend="triton")
+
+        return tiled
+    if name == "triton-logits":
+        return lambda x: rrhf_fast.rrhf_loss_from_logits(
+            x["hidden"] @ x["weight"].T, *(x[k] for k in ("targets", "cu_seqlens", "rewards", "cu_groups")), backend="triton"
+        )
+    if name == "torch-linear-ce":
+        if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            raise ImportError("this torch has no chunked F.linear_cross_entropy")
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda x: _rank_after(
+            torch.nn.functional.linear_cross_entropy(x["hidden"], x["weight"], x["targets"], reduction="none", options=options), x
+        )
+    if name == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return lambda x: _rank_after(
+            liger_fused_linear_cross_entropy(x["hidden"], x["weight"], x["targets"], reduction="none"), x
+        )
+    if name == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda x: _rank_after(linear_cross_entropy(x["hidden"], x["weight"], x["targets"], reduction="none"), x)
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def fwd_bwd(fn, x):
+    out = fn(x)
+    x["hidden"].grad = x["weight"].grad = None
+    out.loss.backward()
+    return out
+
+
+def agrees_with_reference(fn, x, ref):
+    """Loss within 1e-3 relative and gradients within 2% of their scale (bf16 inputs keep ~3 digits)."""
+    out = fwd_bwd(fn, x)
+    grads = x["hidden"].grad.float(), x["weight"].grad.float()
+    if abs(out.loss.item() - ref["loss"]) > 1e-3 * max(1.0, abs(ref["loss"])):
+        return f"loss {out.loss.item():.6g} != reference {ref['loss']:.6g}"
+    for name, got, want in zip(("hidden", "weight"), grads, ref["grads"]):
+        err = (got - want).abs().max().item() / want.abs().max().item()
+        if err > 2e-2:
+            return f"d{name} off by {err:.2%} of its scale"
+    return ""
+
+
+def measure(provider, num_tokens, dim, vocab, dtype, device, repeats, check):
+    """Time and memory of one provider at one size: {"seconds", "extra_bytes"} or {"skipped": why}."""
+    try:
+        fn = provider_fn(provider)
+    except ImportError as err:
+        return {"skipped": str(err)}
+    x = make_inputs(num_tokens, dim, vocab, dtype, device)
+    if check and provider != "reference":
+        ref_out = fwd_bwd(provider_fn("reference"), x)
+        ref = {"loss": ref_out.loss.item(), "grads": (x["hidden"].grad.float().clone(), x["weight"].grad.float().clone())}
+        del ref_out
+        problem = agrees_with_reference(fn, x, ref)
+        if problem:
+            raise SystemExit(f"{provider} disagrees with the reference at N={num_tokens}: {problem}")
+        del ref
+    fwd_bwd(fn, x)  # warm-up (and compilation) before the memory measurement
+    extra = report.peak_extra_bytes(lambda: fwd_bwd(fn, x), device)
+    seconds = report.median_seconds(lambda: fwd_bwd(fn, x), device, repeats=repeats, warmup=0)
+    return {"seconds": seconds, "extra_bytes": extra}
+
+
+def matmul_floor(num_tokens, dim, vocab, dtype, device, repeats):
+    """6NVD at this machine's matmul rate: three times one [N, D] x [D, V] matmul."""
+    x = make_inputs(num_tokens, dim, vocab, dtype, device)
+    hidden, weight = x["hidden"].detach(), x["weight"].detach()
+    return 3 * report.median_seconds(lambda: hidden @ weight.T, device, repeats=repeats)
+
+
+def in_fresh_process(args, provider, size):
+    """CPU memory figures need a process of their own: run this script's --child mode and read its JSON line."""
+    command = [sys.executable, __file__, "--child", provider, "--sizes", ",".join(map(str, size))]
+    command += ["--dtype", args.dtype, "--threads", str(args.threads), "--repeats", str(args.repeats)]
+    command += [] if args.check else ["--no-check"]
+    # glibc keeps freed large blocks in the heap once its mmap threshold adapts, which would hide the peak of
+    # the timed call behind the warm-up's; a fixed threshold returns every large block to the system.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{provider} failed at {size}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    parser.add_argument("--sizes", nargs="*", help="N,D,V triples (default: the sweep for --device)")
+    parser.add_argument("--providers", help="comma-separated providers (default: all for --device)")
+    parser.add_argument("--dtype", help="input dtype (default float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions on CPU; CUDA uses do_bench")
+    parser.add_argument("--no-check", dest="check", action="store_false", help="skip the agreement check")
+    parser.add_argument("--out", type=Path, default=report.RESULTS, help="folder for the dated tables and plot")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one provider in this process
+    args = parser.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
+    default_sizes = (
+        ["512,512,32000", "1024,512,32000", "2048,512,32000"]
+        if cpu
+        else [f"{n},4096,{v}" for v in (32000, 128256) for n in (2048, 4096, 8192, 16384)]
+    )
+    args.sizes = [tuple(int(v) for v in s.split(",")) for s in (args.sizes or default_sizes)]
+    args.providers = args.providers.split(",") if args.providers else (CPU_PROVIDERS if cpu else CUDA_PROVIDERS)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    if args.child:
+        print(json.dumps(measure(args.child, *args.sizes[0], dtype, "cpu", args.repeats, args.check)))
+        return
+
+    rows = []
+    for size in args.sizes:
+        num_tokens, dim, vocab = size
+        floor = matmul_floor(*size, dtype, args.device, args.repeats)
+        results = {}
+        for provider in args.providers:
+            if args.device == "cpu":
+                results[provider] = in_fresh_process(args, provider, size)
+            else:
+                results[provider] = measure(provider, *size, dtype, "cuda", args.repeats, args.check)
+                torch.cuda.empty_cache()
+            print(size, provider, results[provider], flush=True)
+        ref = results.get("reference", {})
+        for provider, r in results.items():
+            if "skipped" in r:
+                continue
+            rows.append(
+                {
+                    "N": num_tokens,
+                    "D": dim,
+                    "V": vocab,
+                    "provider": provider,
+                    "ms": r["seconds"] * 1e3,
+                    "x reference time": r["seconds"] / ref["seconds"] if "seconds" in ref else float("nan"),
+                    "x 6NVD floor": r["seconds"] / floor,
+                    "extra MiB": r["extra_bytes"] / 2**20,
+                    "x reference memory": r["extra_bytes"] / ref["extra_bytes"] if ref.get("extra_bytes") else float("nan"),
+                }
+            )
+    info = report.machine(args.device)
+    name = f"loss-{'cpu' if args.device == 'cpu' else info['device'].replace(' ', '-').lower()}"
+    notes = (
+        f"{args.dtype} inputs; groups of {CANDIDATES_PER_GROUP} candidates x {TOKENS_PER_CANDIDATE} tokens; "
+        f"fwd+bwd of the loss w.r.t. hidden and weight. Reproduce: `python benchmarks/bench_loss.py --device {args.device}`."
+    )
+    skipped = [p for p in args.providers if p not in {r["provider"] for r in rows}]
+    if skipped:
+        notes += f" Not installed here: {', '.join(skipped)}."
+    path = report.write_table(rows, name, "RRHF loss head: forward + backward", info, notes, args.out)
+    plot(rows, path.with_suffix(".png"))
+    print(path.read_text())
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vocab = rows[0]["V"]
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
+    for provider in dict.fromkeys(r["provider"] for r in rows):
+        mine = [r for r in rows if r["provider"] == provider and r["V"] == vocab]
+        ns = [r["N"] for r in mine]
+        ax_time.plot(ns, [r["ms"] for r in mine], marker="o", label=provider)
+        ax_mem.plot(ns, [r["extra MiB"] for r in mine], marker="o", label=provider)
+    for ax, label in ((ax_time, "fwd+bwd time (ms)"), (ax_mem, "peak extra memory (MiB)")):
+        ax.set_xlabel("response tokens N")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    ax_time.legend(fontsize=8)
+    fig.suptitle(f"RRHF loss head, D = {rows[0]['D']}, V = {vocab}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
