@@ -321,22 +321,28 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def _config(device: torch.device, dtype: torch.dtype, backward: bool) -> dict:
-    """Tile sizes and launch options, checked against ptxas (sm_90a) for register spills.
+def _config(device: torch.device, dtype: torch.dtype, kernel: str) -> dict:
+    """Tile sizes and launch options per kernel ("fwd", "dh", "dw", "atomic"), each checked with ptxas for
+    sm_90a to compile without register spills.
 
-    GPU, bf16 / fp16: BLOCK_N x BLOCK_V = 64 x 128 keeps the fp32 logits tile at 32 regs per thread with
-    8 warps; BLOCK_D = 64 in the forward (3 pipeline stages of 8 KB + 16 KB operand tiles) and 32 in the
-    backward, whose extra dz tile and [64, BLOCK_D] accumulator spill registers at 64. fp32 (ieee products
-    run on the FMA units, which hold operands in registers): 64 x 64 x 32 is the largest spill-free tile.
+    The fp32 logits tile is BLOCK_N x BLOCK_V: 64 x 128 (32 registers per thread at 8 warps) or, in the
+    deterministic backward, 64 x 256 / 256 x 64. Those two kernels re-read and re-write their fp32
+    accumulator rows once per tile of the dimension they reduce over, so that dimension gets the long
+    side (256): the dh kernel reduces over V, the dW kernel over N. That halves the accumulator traffic
+    per FLOP (128 FLOP per accumulator byte instead of 64). BLOCK_D is 64 in the forward (3 stages of
+    8 KB + 16 KB bf16 operand tiles), 32 in the backward, which also holds dz and a [., BLOCK_D] fp32
+    accumulator, and 16 in the 256-row dW kernel: each step up spilled registers. fp32 inputs (ieee
+    products run on the FMA units, which hold their operands in registers) use 64 x 64 x 32 everywhere.
     Under the interpreter everything is 16 / 32 / 16 (tl.dot's minimum is 16) so that the tiny test shapes
     cross several tiles in every dimension, ragged edges included."""
     if device.type != "cuda":
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, UPCAST_DOT=True, num_warps=1)
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, UPCAST_DOT=False if dtype == torch.float32 else True,
+                    num_warps=1)
     if dtype == torch.float32:
         return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, UPCAST_DOT=False, num_warps=8, num_stages=2)
-    if backward:
-        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, UPCAST_DOT=False, num_warps=8, num_stages=2)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, UPCAST_DOT=False, num_warps=8, num_stages=3)
+    blocks = {"fwd": (64, 128, 64, 3), "dh": (64, 256, 32, 2), "dw": (256, 64, 16, 2), "atomic": (64, 128, 32, 2)}
+    block_n, block_v, block_d, stages = blocks[kernel]
+    return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, UPCAST_DOT=False, num_warps=8, num_stages=stages)
 
 
 def _n_splits(n_blocks: int, n_tiles: int, device: torch.device, requested, bytes_per_split: int) -> int:
@@ -371,7 +377,7 @@ def linear_logprob_fwd(hidden, weight, bias, targets, *, split_v=None, allow_tf3
     V = weight.shape[0]
     device = hidden.device
     precision = _dot_precision(hidden.dtype, weight.dtype, allow_tf32)
-    cfg = _config(device, hidden.dtype, backward=False)
+    cfg = _config(device, hidden.dtype, "fwd")
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
         return empty, empty.clone()
@@ -408,18 +414,60 @@ def linear_logprob_bwd(
     V = weight.shape[0]
     device = hidden.device
     precision = _dot_precision(hidden.dtype, weight.dtype, allow_tf32)
-    cfg = _config(device, hidden.dtype, backward=True)
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else hidden
     want_db = has_bias and compute_dw
-    common = dict(HAS_BIAS=has_bias, DOT_PRECISION=precision, **cfg)
-    n_blocks, v_blocks = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
     dh = dw = db = None
     if N == 0:
         dh = torch.zeros_like(hidden) if compute_dh else None
         dw = torch.zeros_like(weight) if compute_dw else None
         db = torch.zeros_like(bias) if want_db else None
         return dh, dw, db
+    args = (hidden, weight, bias_arg, targets, lse, grad_logp)
+    sizes = (N, V, D, hidden.stride(0), weight.stride(0))
+
+    if not deterministic:
+        cfg = _config(device, hidden.dtype, "atomic")
+        dh32 = torch.zeros(N, D, dtype=torch.float32, device=device) if compute_dh else hidden
+        dw32 = torch.zeros(V, D, dtype=torch.float32, device=device) if compute_dw else hidden
+        db32 = torch.zeros(V, dtype=torch.float32, device=device) if want_db else hidden
+        if compute_dh or compute_dw:
+            grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+            _linear_logprob_bwd_atomic_kernel[grid](
+                *args, dh32, dw32, db32, *sizes, HAS_BIAS=has_bias, DOT_PRECISION=precision,
+                COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw, **cfg,
+            )
+        return (dh32.to(hidden.dtype) if compute_dh else None,
+                dw32.to(weight.dtype) if compute_dw else None,
+                db32.to(bias.dtype) if want_db else None)
+
+    if compute_dh:
+        cfg = _config(device, hidden.dtype, "dh")
+        n_blocks, v_tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
+        split = _n_splits(n_blocks, v_tiles, device, split_v, 4 * N * D)
+        v_per_split = triton.cdiv(v_tiles, split) * cfg["BLOCK_V"]
+        split = triton.cdiv(V, v_per_split)
+        dh_part = torch.zeros(split, N, D, dtype=torch.float32, device=device)
+        _linear_logprob_bwd_dh_kernel[(n_blocks, split)](
+            *args, dh_part, *sizes, v_per_split, HAS_BIAS=has_bias, DOT_PRECISION=precision, **cfg,
+        )
+        # the splits are summed in a fixed order, so the result stays deterministic
+        dh = (dh_part[0] if split == 1 else dh_part.sum(0)).to(hidden.dtype)
+    if compute_dw:
+        cfg = _config(device, hidden.dtype, "dw")
+        v_blocks, n_tiles = triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(N, cfg["BLOCK_N"])
+        split = _n_splits(v_blocks, n_tiles, device, split_n, 4 * V * D)
+        n_per_split = triton.cdiv(n_tiles, split) * cfg["BLOCK_N"]
+        split = triton.cdiv(N, n_per_split)
+        dw_part = torch.zeros(split, V, D, dtype=torch.float32, device=device)
+        db_part = torch.zeros(split, V, dtype=torch.float32, device=device)
+        _linear_logprob_bwd_dw_kernel[(v_blocks, split)](
+            *args, dw_part, db_part, *sizes, n_per_split, HAS_BIAS=has_bias, DOT_PRECISION=precision, **cfg,
+        )
+        dw = (dw_part[0] if split == 1 else dw_part.sum(0)).to(weight.dtype)
+        if want_db:
+            db = (db_part[0] if split == 1 else db_part.sum(0)).to(bias.dtype)
+    return dh, dw, db
 
     if not deterministic:
         dh32 = torch.zeros(N, D, dtype=torch.float32, device=device) if compute_dh else hidden

@@ -251,8 +251,10 @@ def test_rank_fwd_matches_direct_computation(alpha, margin, sft_reduction):
     assert out[4].tolist() == [1, 4, 5, 7]  # first on ties
 
 
-@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
-@pytest.mark.parametrize("alpha, margin, sft_reduction", OPTIONS)
+# offsets alternate between int32 and int64 across the option sweep (both dtypes meet every option value)
+@pytest.mark.parametrize("alpha, margin, sft_reduction, cu_dtype",
+                         [pytest.param(*opt, dt, id=f"{opt[0]}-{opt[1]}-{opt[2]}-{str(dt)[6:]}")
+                          for i, opt in enumerate(OPTIONS) for dt in [(torch.int32, torch.int64)[(i + i // 2) % 2]]])
 def test_rank_kernels_compose_with_reference_autograd(alpha, margin, sft_reduction, cu_dtype):
     """logprob_fwd -> rank_fwd -> rank_bwd -> logprob_bwd against autograd of reference.rrhf_loss_from_logits,
     with random weights and random upstream gradients on loss, rank_loss, sft_loss and scores."""
