@@ -19,6 +19,8 @@ Only the model body (`model.base_model`, which ends in the final norm) runs: the
 formed; the loss applies the LM head (`model_loss` passes its weight and bias to `rrhf_fast.loss.rrhf_loss`).
 """
 
+import inspect
+
 import torch
 
 from rrhf_fast.batch import PackedBatch
@@ -29,8 +31,10 @@ MODES = ("auto", "packed", "kv-cache", "none")
 # Attention implementations that take the packed mask, and the form it takes for each.
 _PACKED_MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
-# Config fields that make the logits more than `hidden @ W^T + b`; a fused head loss would silently drop them.
-_NONLINEAR_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Config or model attributes that make the logits more than `hidden @ W^T + b` (Gemma 2/3 softcapping, Cohere's
+# logit_scale, Granite's logits_scaling, output_multiplier); a fused head loss would silently drop them.
+_LOGIT_SOFTCAPS = ("final_logit_softcapping", "logit_softcap")
+_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier")
 
 
 def _body(model) -> torch.nn.Module:
@@ -45,15 +49,17 @@ def _body(model) -> torch.nn.Module:
 
 def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head's weight [V, D] and bias [V] (None without one), after checking logits = hidden @ W^T + b."""
-    for name in _NONLINEAR_HEAD_FIELDS:
-        value = getattr(model.config, name, getattr(model, name, None))
-        # A softcap of any value, or a logit scale other than 1, changes the logits.
-        if value is not None and (name == "final_logit_softcapping" or value != 1):
-            raise ValueError(
-                f"{type(model).__name__} computes its logits with {name}={value}, not as a plain linear head of the final "
-                "hidden state, so the fused head loss would be wrong. Compute logits = model(...).logits for the response "
-                "tokens and use rrhf_fast.rrhf_loss_from_logits instead."
-            )
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for owner in (config, model):
+        for name in _LOGIT_SOFTCAPS + _LOGIT_SCALES:
+            value = getattr(owner, name, None)
+            # Any softcap changes the logits; a scale does unless it is 1.
+            if value is not None and (name in _LOGIT_SOFTCAPS or value != 1):
+                raise ValueError(
+                    f"{type(model).__name__} computes its logits with {name}={value}, not as a plain linear head of the "
+                    "final hidden state, so the fused head loss would be wrong. Compute logits = model(...).logits for "
+                    "the response tokens and use rrhf_fast.rrhf_loss_from_logits instead."
+                )
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(
@@ -65,6 +71,17 @@ def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _attn_implementation(model) -> str:
     return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def _packed_positions_problem(model) -> str | None:
+    """Why the packed layout's positions cannot reach this model, or None when they can: it takes its positions
+    from `position_ids` (rotary or learned absolute embeddings), not from the 2-D padding mask (ALiBi)."""
+    body = _body(model)
+    if "position_ids" not in inspect.signature(body.forward).parameters:
+        return f"{type(body).__name__}.forward takes no position_ids"
+    if getattr(model.config, "alibi", False):
+        return "its ALiBi biases are built from a 2-D padding mask, not from position_ids"
+    return None
 
 
 def _is_checkpointing(model) -> bool:
@@ -98,15 +115,22 @@ def resolve_mode(model, mode: str = "auto") -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     impl = _attn_implementation(model)
-    packed_ok = impl in _PACKED_MASK_IMPLEMENTATIONS and (impl != "flex_attention" or model.device.type == "cuda")
+    mask_ok = impl in _PACKED_MASK_IMPLEMENTATIONS and (impl != "flex_attention" or model.device.type == "cuda")
+    positions_problem = _packed_positions_problem(model)
+    packed_ok = mask_ok and positions_problem is None
     checkpointing = _is_checkpointing(model)
     if mode == "auto":
         if checkpointing:
             return "packed" if packed_ok else "none"
         return "packed" if packed_ok and impl == "flex_attention" else "kv-cache"
     if mode == "packed" and not packed_ok:
-        where = f" on {model.device.type}" if impl == "flex_attention" else ""
         instead = 'mode="none"' if checkpointing else 'mode="kv-cache"'
+        if positions_problem is not None:
+            raise ValueError(
+                f'mode="packed" restarts the position ids of every candidate, but {type(model).__name__} cannot take '
+                f"them: {positions_problem}. Use {instead}."
+            )
+        where = f" on {model.device.type}" if impl == "flex_attention" else ""
         raise ValueError(
             f'mode="packed" needs attention that takes a prepared mask (sdpa, eager, or flex_attention on CUDA); this '
             f'model uses {impl}{where}. Use {instead}, or load the model with attn_implementation="sdpa".'
