@@ -54,16 +54,13 @@ def _softmax_grad_(logits, targets, lse, grad_logp):
 
 def _multiply_out(dz, h, weight, dh_out, dw_acc):
     """dh_out = dz @ W and dw_acc += dz^T @ h for one chunk; dw_acc accumulates in fp32 (or fp64)."""
-    if dz.dtype == h.dtype:  # full-precision inputs
-        if dw_acc is not None:
-            dw_acc.addmm_(dz.T, h)  # in place: no [V, D] temporary per chunk
-        dz_in = dz
-    else:
-        dz_in = dz.to(h.dtype)  # low-precision inputs multiply in their own dtype, as on tensor cores
-        if dw_acc is not None:
-            dw_acc += (dz_in.T @ h).to(dw_acc.dtype)
+    dz = dz.to(h.dtype)  # low-precision inputs multiply in their own dtype, as on tensor cores
+    if dw_acc is not None and dw_acc.dtype == dz.dtype:
+        dw_acc.addmm_(dz.T, h)  # in place: no [V, D] temporary per chunk
+    elif dw_acc is not None:
+        dw_acc += (dz.T @ h).to(dw_acc.dtype)
     if dh_out is not None:
-        torch.mm(dz_in, weight, out=dh_out)
+        torch.mm(dz, weight, out=dh_out)
 
 
 def linear_logprob_fwd(hidden, weight, bias, targets):
@@ -233,7 +230,12 @@ def linear_rrhf_fwd(hidden, weight, bias, targets, cu_seqlens, rewards, cu_group
     dh = torch.zeros_like(hidden) if want_dh else None
     dw = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_dw else None
     db = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if want_db else None
-    step = getattr(impl, "logprob_step_", None) or (lambda *args: _logprob_step_from_kernels(impl, *args))
+    step = getattr(impl, "logprob_step_", None)
+    # Kernels read the buffer in its own dtype and do the softmax maths in fp32 registers, so the buffer stays
+    # in the matmul's dtype (half the traffic for bf16, as in any HF model's logits); this module's step
+    # works on the buffer with torch ops and needs it in the compute dtype.
+    buffer_dtype = dtype if step is not None else hidden.dtype
+    step = step or (lambda *args: _logprob_step_from_kernels(impl, *args))
     per_token, per_candidate, per_group = [], [], []
 
     max_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
@@ -263,7 +265,7 @@ def linear_rrhf_fwd(hidden, weight, bias, targets, cu_seqlens, rewards, cu_group
             )
 
         h = hidden[t0:t1]
-        lse, dz = step(_chunk_logits(h, weight, bias, dtype), targets[t0:t1], grad_of_logp)  # dz: [rows, V]
+        lse, dz = step(_chunk_logits(h, weight, bias, buffer_dtype), targets[t0:t1], grad_of_logp)  # [rows, V]
         per_token.append(lse)
         if dz is None:
             continue
