@@ -345,17 +345,21 @@ def _config(device: torch.device, dtype: torch.dtype, kernel: str) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, UPCAST_DOT=False, num_warps=8, num_stages=stages)
 
 
-def _n_splits(n_blocks: int, n_tiles: int, device: torch.device, requested, bytes_per_split: int) -> int:
-    """How many programs share one row block's loop (the reduction split). On GPU: enough that there are
-    about two programs per SM, but no more than the loop has tiles and no more than 256 MB of partial
-    accumulators. On CPU: 1 unless the caller (a test) asks."""
+def _split(n_blocks: int, loop_len: int, block: int, device: torch.device, requested, bytes_per_split: int):
+    """(split, per_split): how many programs share each owned block's reduction loop over loop_len
+    elements, and how many elements (a multiple of block) each takes. On GPU: enough that there are about
+    two programs per SM, but no more than the loop has tiles and no more than 256 MB of fp32 partials.
+    On CPU: 1 unless the caller (a test) asks. No split is left empty."""
+    n_tiles = triton.cdiv(loop_len, block)
     if requested is not None:
-        return max(1, min(int(requested), n_tiles))
-    if device.type != "cuda":
-        return 1
-    want = triton.cdiv(2 * _sm_count(device), max(n_blocks, 1))
-    mem_cap = max(1, (256 << 20) // max(bytes_per_split, 1))
-    return max(1, min(want, n_tiles, mem_cap))
+        split = max(1, min(int(requested), n_tiles))
+    elif device.type != "cuda":
+        split = 1
+    else:
+        want = triton.cdiv(2 * _sm_count(device), max(n_blocks, 1))
+        split = max(1, min(want, n_tiles, (256 << 20) // max(bytes_per_split, 1)))
+    per_split = triton.cdiv(n_tiles, split) * block
+    return triton.cdiv(loop_len, per_split), per_split
 
 
 def _dot_precision(dtype: torch.dtype, weight_dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -381,10 +385,8 @@ def linear_logprob_fwd(hidden, weight, bias, targets, *, split_v=None, allow_tf3
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
         return empty, empty.clone()
-    n_blocks, v_tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
-    split = _n_splits(n_blocks, v_tiles, device, split_v, 12 * N)
-    v_per_split = triton.cdiv(v_tiles, split) * cfg["BLOCK_V"]
-    split = triton.cdiv(V, v_per_split)  # no empty splits
+    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    split, v_per_split = _split(n_blocks, V, cfg["BLOCK_V"], device, split_v, 12 * N)
     part = torch.empty(3, split, N, dtype=torch.float32, device=device)
     _linear_logprob_fwd_kernel[(n_blocks, split)](
         hidden, weight, bias if bias is not None else hidden, targets, part[0], part[1], part[2],
@@ -443,10 +445,8 @@ def linear_logprob_bwd(
 
     if compute_dh:
         cfg = _config(device, hidden.dtype, "dh")
-        n_blocks, v_tiles = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
-        split = _n_splits(n_blocks, v_tiles, device, split_v, 4 * N * D)
-        v_per_split = triton.cdiv(v_tiles, split) * cfg["BLOCK_V"]
-        split = triton.cdiv(V, v_per_split)
+        n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+        split, v_per_split = _split(n_blocks, V, cfg["BLOCK_V"], device, split_v, 4 * N * D)
         dh_part = torch.zeros(split, N, D, dtype=torch.float32, device=device)
         _linear_logprob_bwd_dh_kernel[(n_blocks, split)](
             *args, dh_part, *sizes, v_per_split, HAS_BIAS=has_bias, DOT_PRECISION=precision, **cfg,
@@ -455,54 +455,12 @@ def linear_logprob_bwd(
         dh = (dh_part[0] if split == 1 else dh_part.sum(0)).to(hidden.dtype)
     if compute_dw:
         cfg = _config(device, hidden.dtype, "dw")
-        v_blocks, n_tiles = triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(N, cfg["BLOCK_N"])
-        split = _n_splits(v_blocks, n_tiles, device, split_n, 4 * V * D)
-        n_per_split = triton.cdiv(n_tiles, split) * cfg["BLOCK_N"]
-        split = triton.cdiv(N, n_per_split)
+        v_blocks = triton.cdiv(V, cfg["BLOCK_V"])
+        split, n_per_split = _split(v_blocks, N, cfg["BLOCK_N"], device, split_n, 4 * V * D)
         dw_part = torch.zeros(split, V, D, dtype=torch.float32, device=device)
         db_part = torch.zeros(split, V, dtype=torch.float32, device=device)
         _linear_logprob_bwd_dw_kernel[(v_blocks, split)](
             *args, dw_part, db_part, *sizes, n_per_split, HAS_BIAS=has_bias, DOT_PRECISION=precision, **cfg,
-        )
-        dw = (dw_part[0] if split == 1 else dw_part.sum(0)).to(weight.dtype)
-        if want_db:
-            db = (db_part[0] if split == 1 else db_part.sum(0)).to(bias.dtype)
-    return dh, dw, db
-
-    if not deterministic:
-        dh32 = torch.zeros(N, D, dtype=torch.float32, device=device) if compute_dh else hidden
-        dw32 = torch.zeros(V, D, dtype=torch.float32, device=device) if compute_dw else hidden
-        db32 = torch.zeros(V, dtype=torch.float32, device=device) if want_db else hidden
-        if compute_dh or compute_dw:
-            _linear_logprob_bwd_atomic_kernel[(n_blocks, v_blocks)](
-                hidden, weight, bias_arg, targets, lse, grad_logp, dh32, dw32, db32,
-                N, V, D, hidden.stride(0), weight.stride(0),
-                COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw, **common,
-            )
-        return (dh32.to(hidden.dtype) if compute_dh else None,
-                dw32.to(weight.dtype) if compute_dw else None,
-                db32.to(bias.dtype) if want_db else None)
-
-    if compute_dh:
-        split = _n_splits(n_blocks, v_blocks, device, split_v, 4 * N * D)
-        v_per_split = triton.cdiv(v_blocks, split) * cfg["BLOCK_V"]
-        split = triton.cdiv(V, v_per_split)
-        dh_part = torch.zeros(split, N, D, dtype=torch.float32, device=device)
-        _linear_logprob_bwd_dh_kernel[(n_blocks, split)](
-            hidden, weight, bias_arg, targets, lse, grad_logp, dh_part,
-            N, V, D, hidden.stride(0), weight.stride(0), v_per_split, **common,
-        )
-        # the splits are summed in a fixed order, so the result stays deterministic
-        dh = (dh_part[0] if split == 1 else dh_part.sum(0)).to(hidden.dtype)
-    if compute_dw:
-        split = _n_splits(v_blocks, n_blocks, device, split_n, 4 * V * D)
-        n_per_split = triton.cdiv(n_blocks, split) * cfg["BLOCK_N"]
-        split = triton.cdiv(N, n_per_split)
-        dw_part = torch.zeros(split, V, D, dtype=torch.float32, device=device)
-        db_part = torch.zeros(split, V, dtype=torch.float32, device=device)
-        _linear_logprob_bwd_dw_kernel[(v_blocks, split)](
-            hidden, weight, bias_arg, targets, lse, grad_logp, dw_part, db_part,
-            N, V, D, hidden.stride(0), weight.stride(0), n_per_split, **common,
         )
         dw = (dw_part[0] if split == 1 else dw_part.sum(0)).to(weight.dtype)
         if want_db:

@@ -418,3 +418,29 @@ def test_kernels_are_deterministic_on_gpu():
     atomic = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, deterministic=False)
     for a, b in zip(det, atomic):
         _close(a, b, 1e-2, 1e-2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests run these tile sizes for real")
+def test_linear_logprob_gpu_tile_sizes_under_interpreter(monkeypatch):
+    """The bf16 GPU block sizes (64 x 128 x 64 forward, 64 x 256 x 32 dh, 256 x 64 x 16 dW, 64 x 128 x 32
+    atomic) run through the interpreter on ragged shapes, so their masks are checked without a GPU."""
+    dtype, atol, rtol = LINEAR_BWD_TOLS[1]
+    from rrhf_fast.kernels import linear_logprob as module
+
+    real = module._config
+    monkeypatch.setattr(module, "_config", lambda device, dt, kernel: {
+        **real(torch.device("cuda"), dt, kernel), "UPCAST_DOT": dt != torch.float32})
+    n, v, d = 70, 270, 40  # 2 row blocks of 64, 3 vocabulary tiles of 128 (2 of 256), ragged everywhere
+    hidden = torch.randn(n, d).to(dtype)
+    weight = (torch.randn(v, d) / d**0.5 * 3).to(dtype)
+    bias = torch.randn(v).to(dtype)
+    targets = torch.randint(0, v, (n,))
+    grad_logp = torch.randn(n)
+    lse_ref, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
+    logp, lse = linear_logprob_fwd(hidden, weight, bias, targets)
+    _close(lse, lse_ref, 1e-5, 1e-5)
+    for deterministic in (True, False):
+        dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, deterministic=deterministic)
+        _close(dh, dh_ref, atol, rtol)
+        _close(dw, dw_ref, atol, rtol)
+        _close(db, db_ref, atol, rtol)
