@@ -39,12 +39,26 @@ def _close(actual, expected, atol, rtol):
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol)
 
 
-def _linear_inputs(dtype, with_bias, scale=1.0):
-    hidden = torch.randn(N, D, device=DEVICE).to(dtype)
-    weight = (torch.randn(V, D, device=DEVICE) * scale / D**0.5 * 3).to(dtype)
-    bias = torch.randn(V, device=DEVICE).to(dtype) if with_bias else None
-    targets = torch.randint(0, V, (N,), device=DEVICE)
+def _linear_inputs(dtype, with_bias, n=N, v=V, d=D):
+    """hidden [n, d], weight [v, d] scaled so logits have std ~3, bias [v] or None, targets [n]."""
+    hidden = torch.randn(n, d, device=DEVICE).to(dtype)
+    weight = (torch.randn(v, d, device=DEVICE) / d**0.5 * 3).to(dtype)
+    bias = torch.randn(v, device=DEVICE).to(dtype) if with_bias else None
+    targets = torch.randint(0, v, (n,), device=DEVICE)
     return hidden, weight, bias, targets
+
+
+def _check_linear_both_modes(hidden, weight, bias, targets, atol, rtol):
+    """Forward lse and the deterministic and atomic backwards against float64 autograd."""
+    grad_logp = torch.randn(hidden.shape[0], device=hidden.device)
+    lse_ref, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
+    logp, lse = linear_logprob_fwd(hidden, weight, bias, targets)
+    _close(lse, lse_ref, 1e-4, 1e-5)
+    for deterministic in (True, False):
+        dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, deterministic=deterministic)
+        _close(dh, dh_ref, atol, rtol)
+        _close(dw, dw_ref, atol, rtol)
+        _close(db, db_ref, atol, rtol)
 
 
 def _f64(t):
@@ -362,21 +376,8 @@ def test_linear_logprob_int64_offsets_past_2_pow_31():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype, atol, rtol", _tols([(torch.float32, 1e-4, 1e-4), (torch.bfloat16, 3e-2, 3e-2)]))
 def test_linear_logprob_gpu_tiles_match_reference(dtype, atol, rtol):
-    """GPU block sizes (64 / 128 / 64) on ragged shapes, forward and both backward modes."""
-    n, v, d = 333, 1_999, 272
-    hidden = torch.randn(n, d, device="cuda").to(dtype)
-    weight = (torch.randn(v, d, device="cuda") / d**0.5 * 3).to(dtype)
-    bias = torch.randn(v, device="cuda").to(dtype)
-    targets = torch.randint(0, v, (n,), device="cuda")
-    grad_logp = torch.randn(n, device="cuda")
-    lse_ref, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
-    logp, lse = linear_logprob_fwd(hidden, weight, bias, targets)
-    _close(lse, lse_ref, 1e-4, 1e-5)
-    for deterministic in (True, False):
-        dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, deterministic=deterministic)
-        _close(dh, dh_ref, atol, rtol)
-        _close(dw, dw_ref, atol, rtol)
-        _close(db, db_ref, atol, rtol)
+    """The GPU block sizes of every kernel on ragged shapes, forward and both backward modes."""
+    _check_linear_both_modes(*_linear_inputs(dtype, True, n=333, v=1_999, d=272), atol, rtol)
 
 
 @cuda
@@ -430,17 +431,5 @@ def test_linear_logprob_gpu_tile_sizes_under_interpreter(monkeypatch):
     real = module._config
     monkeypatch.setattr(module, "_config", lambda device, dt, kernel: {
         **real(torch.device("cuda"), dt, kernel), "UPCAST_DOT": dt != torch.float32})
-    n, v, d = 70, 270, 40  # 2 row blocks of 64, 3 vocabulary tiles of 128 (2 of 256), ragged everywhere
-    hidden = torch.randn(n, d).to(dtype)
-    weight = (torch.randn(v, d) / d**0.5 * 3).to(dtype)
-    bias = torch.randn(v).to(dtype)
-    targets = torch.randint(0, v, (n,))
-    grad_logp = torch.randn(n)
-    lse_ref, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
-    logp, lse = linear_logprob_fwd(hidden, weight, bias, targets)
-    _close(lse, lse_ref, 1e-5, 1e-5)
-    for deterministic in (True, False):
-        dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, deterministic=deterministic)
-        _close(dh, dh_ref, atol, rtol)
-        _close(dw, dw_ref, atol, rtol)
-        _close(db, db_ref, atol, rtol)
+    # 2 row blocks of 64, 3 vocabulary tiles of 128 (2 of 256), ragged everywhere
+    _check_linear_both_modes(*_linear_inputs(dtype, True, n=70, v=270, d=40), atol, rtol)
