@@ -304,6 +304,23 @@ def test_rank_kernels_compose_with_reference_autograd(alpha, margin, sft_reducti
     _close(dlogits, logits64.grad, 1e-5, 1e-5)
 
 
+def test_rank_golden_values_by_hand():
+    """One group, A = tokens (-1, -3) with reward 0, B = token (-1) with reward 1; alpha = 1, margin = 1.5.
+
+    S_A = -4, L_A = 2, p_A = -2;  S_B = -1, L_B = 1, p_B = -1.  Pair (A, B) since r_A < r_B:
+    hinge = p_A - p_B + 1.5 = 0.5 > 0, so rank = 0.5, coef_A = +1, coef_B = -1.  best = B, sft = -S_B / 1 = 1.
+    Backward with rank_scale = 1, sft_scale = 1, no score gradient:
+    dS_A = 1 * (+1) / 2 = 0.5 on each of A's tokens;  dS_B = 1 * (-1) / 1 - 1 * (1 / 1) = -2.
+    """
+    cu_seqlens, rewards, cu_groups = _batch([2, 1], [2], [0.0, 1.0])
+    logp = torch.tensor([-1.0, -3.0, -1.0], device=DEVICE)
+    scores, rank, sft, coef, best = rank_fwd(logp, cu_seqlens, rewards, cu_groups, 1.0, 1.5, "mean")
+    assert scores.tolist() == [-2.0, -1.0] and rank.tolist() == [0.5] and sft.tolist() == [1.0]
+    assert coef.tolist() == [1.0, -1.0] and best.tolist() == [1]
+    one = torch.tensor(1.0, device=DEVICE)
+    assert rank_bwd(cu_seqlens, cu_groups, coef, best, None, one, one, 1.0, "mean").tolist() == [0.5, 0.5, -2.0]
+
+
 def test_rank_hinge_exactly_zero_is_inactive():
     """Two identical candidates with different rewards and margin 0: the hinge is exactly 0, so like
     torch.relu it contributes neither loss nor gradient (coef 0), and only the SFT term reaches the tokens."""
