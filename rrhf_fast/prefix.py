@@ -8,9 +8,10 @@ Re-encoding costs k(P + R) tokens of the model body per group; sharing the promp
                 are prompt tokens or tokens of its own candidate. The mask is a prepared [rows, 1, T, T] tensor for
                 "sdpa" (boolean) and "eager" (additive), a FlexAttention BlockMask for "flex_attention" on CUDA;
                 transformers passes a 4-D mask / BlockMask to the attention as it is.
-    "kv-cache"  per group, the prompt once with use_cache=True, the cache repeated to the k candidates, the
-                right-padded candidates run against it (causal attention keeps the padding out); gradients flow
+    "kv-cache"  the prompts once with use_cache=True, the cache rows repeated for the k candidates of each, the
+                right-padded candidates run against it with a padding mask over the prompts' padding; gradients flow
                 through the cache. Works with any attention implementation that supports a cache and padding.
+                (Models with a sliding window shorter than P + R run one group at a time, without padding.)
     "none"      every candidate re-encoded after its prompt, right-padded, in one pass: the original RRHF code's
                 way, and the baseline for tests and benchmarks.
     "auto"      "packed" under FlexAttention on CUDA or gradient checkpointing, else "kv-cache" (see resolve_mode).
@@ -224,7 +225,60 @@ def _right_padded(pieces: list[torch.Tensor], pad_value: int) -> torch.Tensor:
     return ids
 
 
+def _repeatable_cache(model, cache):
+    if not hasattr(cache, "batch_select_indices") or not hasattr(cache, "batch_repeat_interleave"):
+        raise ValueError(
+            f'mode="kv-cache" needs a cache that can be repeated over candidates; {type(model).__name__} returned '
+            f'{type(cache).__name__}. Use mode="packed" (or "none").'
+        )
+    return cache
+
+
 def _forward_kv_cache(model, batch: PackedBatch) -> torch.Tensor:
+    """All prompts in one pass, right-padded to P_max; the cache rows picked for every candidate; all candidates,
+    right-padded to R_max, in a second pass. A [C, P_max + R_max] padding mask hides the gap between a short prompt
+    and its candidates, so each candidate sees its own prompt's P_g tokens and then itself."""
+    window, _ = _sliding_windows(model.config)
+    prompt_width, cand_width = int(batch.prompt_lengths.max()), int(batch.candidate_lengths.max())
+    if window is not None and prompt_width + cand_width > window:
+        # A sliding window counts cache slots, gap included, and the cache keeps only the last window - 1 of them:
+        # run each group on its own so that there is no gap.
+        return _forward_kv_cache_per_group(model, batch)
+    body = _body(model)
+    prompts, cu_groups, cu_seqlens = _candidate_lists(batch)
+    num_groups, num_cands, device = len(prompts), len(cu_seqlens) - 1, batch.targets.device
+
+    prompt_ids = _right_padded(prompts, batch.pad_token_id)  # [G, P_max]
+    prompt_positions = torch.arange(prompt_width, device=device)[None].expand(num_groups, -1)
+    prompt_out = body(input_ids=prompt_ids, position_ids=prompt_positions, use_cache=True)
+    cache = _repeatable_cache(model, prompt_out.past_key_values)
+    # Indexing is differentiable: the gradients of a prompt's k rows sum into its keys and values.
+    group_of = torch.repeat_interleave(torch.arange(num_groups, device=device), batch.cu_groups.diff())  # [C]
+    cache.batch_select_indices(group_of)
+
+    cands = [batch.targets[cu_seqlens[c] : cu_seqlens[c + 1]] for c in range(num_cands)]
+    cand_ids = _right_padded(cands, batch.pad_token_id)  # [C, R_max]
+    prompt_len = batch.prompt_lengths[group_of]  # [C]
+    cand_positions = prompt_len[:, None] + torch.arange(cand_width, device=device)[None]  # [C, R_max]
+    prompt_keys = torch.arange(prompt_width, device=device)[None] < prompt_len[:, None]  # [C, P_max]
+    key_mask = torch.cat([prompt_keys, torch.ones_like(cand_ids, dtype=torch.bool)], dim=1).long()  # [C, P_max + R_max]
+    cand_out = body(
+        input_ids=cand_ids, attention_mask=key_mask, position_ids=cand_positions, past_key_values=cache, use_cache=True
+    )
+
+    # Gather in targets order from [prompt last states (G rows); candidate states (C * R_max rows)].
+    prompt_last = prompt_out.last_hidden_state[torch.arange(num_groups, device=device), batch.prompt_lengths - 1]
+    states = torch.cat([prompt_last, cand_out.last_hidden_state.reshape(num_cands * cand_width, -1)])
+    index = []
+    for g in range(num_groups):
+        for c in range(cu_groups[g], cu_groups[g + 1]):
+            index.append(g)
+            index.extend(range(num_groups + c * cand_width, num_groups + c * cand_width + cands[c].numel() - 1))
+    return states[torch.tensor(index, device=device)]
+
+
+def _forward_kv_cache_per_group(model, batch: PackedBatch) -> torch.Tensor:
+    """kv-cache one group at a time: the prompt [1, P], the cache repeated k times, the candidates [k, R]."""
     body = _body(model)
     prompts, cu_groups, cu_seqlens = _candidate_lists(batch)
     pieces = []
@@ -232,23 +286,13 @@ def _forward_kv_cache(model, batch: PackedBatch) -> torch.Tensor:
         first, last = cu_groups[g], cu_groups[g + 1]
         k, plen = last - first, prompt.numel()
         prompt_out = body(input_ids=prompt[None], use_cache=True)
-        cache = prompt_out.past_key_values
-        if not hasattr(cache, "batch_repeat_interleave"):
-            raise ValueError(
-                f'mode="kv-cache" needs a cache that can be repeated over candidates; {type(model).__name__} returned '
-                f'{type(cache).__name__}. Use mode="packed" (or "none").'
-            )
-        # Repeating the cache makes k views of one graph node, so the prompt's gradient sums over its candidates.
+        cache = _repeatable_cache(model, prompt_out.past_key_values)
+        # repeat_interleave is differentiable: the gradients of the k copies sum into the prompt's keys and values.
         cache.batch_repeat_interleave(k)
         cands = [batch.targets[cu_seqlens[c] : cu_seqlens[c + 1]] for c in range(first, last)]
         ids = _right_padded(cands, batch.pad_token_id)  # [k, R]
         positions = plen + torch.arange(ids.shape[1], device=ids.device)
-        cand_out = body(
-            input_ids=ids,
-            position_ids=positions[None].expand(k, -1),
-            past_key_values=cache,
-            use_cache=True,
-        )
+        cand_out = body(input_ids=ids, position_ids=positions[None].expand(k, -1), past_key_values=cache, use_cache=True)
         prompt_last = prompt_out.last_hidden_state[0, -1]  # [D]
         for i, cand in enumerate(cands):
             pieces.append(prompt_last[None])
