@@ -21,7 +21,10 @@ group: the caller folds 1/G and the weights in) and an optional upstream gradien
 The naive version (`rrhf_fast.reference`) loops over candidates and pairs in Python: O(C) tiny kernels for the
 sums and O(sum_g k_g^2) for the pairs, each a launch and, through autograd, a few more in the backward. Here
 the forward reads logp once (4N bytes) and writes O(C) values, the backward writes 4N bytes; one launch each.
-The pair tile is [BLOCK_K, BLOCK_K] in registers with BLOCK_K = next power of two >= the largest group.
+
+A group's candidates are walked in blocks of BLOCK_K (a [BLOCK_K, BLOCK_T] token tile for the sums, a
+[BLOCK_K, BLOCK_K] tile of pairs for the hinge), so any group size works with a fixed register footprint and
+the launcher needs no host sync to size the tiles.
 """
 
 import torch
@@ -30,26 +33,33 @@ import triton.language as tl
 
 
 @triton.jit
-def _group_candidates(
+def _group_bounds(cu_groups, i_g):
+    """First candidate and candidate count of group i_g (int64)."""
+    c0 = tl.load(cu_groups + i_g).to(tl.int64)
+    return c0, tl.load(cu_groups + i_g + 1).to(tl.int64) - c0
+
+
+@triton.jit
+def _candidate_block(
     cu_seqlens,  # [C + 1] int32 / int64
-    cu_groups,  # [G + 1] int32 / int64
-    i_g,  # this program's group
+    c0,  # the group's first candidate
+    k,  # the group's candidate count
+    k0,  # first candidate of this block, relative to c0
     length_penalty,  # alpha, a float >= 0
     BLOCK_K: tl.constexpr,
 ):
-    """The group's candidates as [BLOCK_K] vectors: global index, mask, first token, length, L ** alpha."""
-    c0 = tl.load(cu_groups + i_g).to(tl.int64)
-    c1 = tl.load(cu_groups + i_g + 1).to(tl.int64)
-    o_k = tl.arange(0, BLOCK_K)
-    m_k = o_k < c1 - c0
+    """One block of a group's candidates as [BLOCK_K] vectors: global index, mask, first token, length,
+    length as float, and L ** alpha."""
+    o_k = k0 + tl.arange(0, BLOCK_K)
+    m_k = o_k < k
     o_c = c0 + o_k
-    # [BLOCK_K]; padding lanes get length 0 so that no token loop touches them
+    # padding lanes get length 0 so that no token loop touches them
     b_start = tl.load(cu_seqlens + o_c, mask=m_k, other=0).to(tl.int64)
     b_len = tl.load(cu_seqlens + o_c + 1, mask=m_k, other=0).to(tl.int64) - b_start
     b_lenf = tl.maximum(b_len, 1).to(tl.float32)
     # L ** alpha as exp2(alpha log2 L) (L >= 1); alpha = 1 takes L itself so the common case is exact
     b_norm = tl.where(length_penalty == 1.0, b_lenf, tl.exp2(length_penalty * tl.log2(b_lenf)))
-    return c0, o_k, m_k, o_c, b_start, b_len, b_lenf, b_norm
+    return o_k, m_k, o_c, b_start, b_len, b_lenf, b_norm
 
 
 @triton.jit
@@ -58,7 +68,7 @@ def _rank_fwd_kernel(
     cu_seqlens,  # [C + 1] candidate token offsets
     rewards,  # [C] rewards, compared in their own dtype so near-ties are not merged by a cast
     cu_groups,  # [G + 1] group candidate offsets
-    scores,  # [C] fp32 output: p_c
+    scores,  # [C] fp32 output: p_c (written in pass 1, read back in pass 2)
     rank,  # [G] fp32 output: rank_g
     sft,  # [G] fp32 output: sft_g
     coef,  # [C] fp32 output: net count of active hinge pairs of c
@@ -66,44 +76,73 @@ def _rank_fwd_kernel(
     length_penalty,  # alpha
     margin,  # hinge margin
     SFT_MEAN: tl.constexpr,  # True: sft = -S_b / L_b; False: -S_b
-    BLOCK_K: tl.constexpr,  # next power of two >= the largest group
+    BLOCK_K: tl.constexpr,  # candidates per block
     BLOCK_T: tl.constexpr,  # tokens read per candidate per step
 ):
     i_g = tl.program_id(0)
-    c0, o_k, m_k, o_c, b_start, b_len, b_lenf, b_norm = _group_candidates(
-        cu_seqlens, cu_groups, i_g, length_penalty, BLOCK_K)
-
-    # token sums of all candidates at once: step along the longest candidate, masking the shorter ones. The
-    # loop adds elementwise and reduces once after it: fewer shuffles, and Triton 3.6's thread-locality pass
-    # asserts on a loop-carried reduction whose result is used twice, as b_sum is below
+    c0, k = _group_bounds(cu_groups, i_g)
     o_t = tl.arange(0, BLOCK_T)
-    b_acc = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32)
-    for t0 in range(0, tl.max(b_len, axis=0), BLOCK_T):
-        m_t = (t0 + o_t[None, :]) < b_len[:, None]
-        # [BLOCK_K, BLOCK_T]
-        b_acc += tl.load(logp + b_start[:, None] + t0 + o_t[None, :], mask=m_t, other=0.0)
-    b_sum = tl.sum(b_acc, axis=1)
-    b_p = b_sum / b_norm
-    tl.store(scores + o_c, b_p, mask=m_k)
 
-    # [BLOCK_K]
-    b_r = tl.load(rewards + o_c, mask=m_k, other=0.0)
-    # [BLOCK_K, BLOCK_K]: row i, column j; a pair counts when r_i < r_j (ties make no pair)
-    m_pair = m_k[:, None] & m_k[None, :] & (b_r[:, None] < b_r[None, :])
-    b_hinge = b_p[:, None] - b_p[None, :] + margin
-    tl.store(rank + i_g, tl.sum(tl.sum(tl.where(m_pair, tl.maximum(b_hinge, 0.0), 0.0), axis=1), axis=0))
-    b_act = tl.where(m_pair & (b_hinge > 0.0), 1.0, 0.0)
-    # c as the lower-rewarded side (row sums) minus c as the higher-rewarded side (column sums)
-    tl.store(coef + o_c, tl.sum(b_act, axis=1) - tl.sum(b_act, axis=0), mask=m_k)
+    # pass 1, per block of candidates: token sums -> scores, and the running best (highest reward, first on
+    # ties: a later block replaces it only with a strictly higher reward)
+    b_rbest = tl.full((), float("-inf"), rewards.dtype.element_ty)
+    i_best = tl.zeros((), tl.int64)
+    b_sbest = tl.zeros((), tl.float32)
+    b_lbest = tl.zeros((), tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        o_k, m_k, o_c, b_start, b_len, b_lenf, b_norm = _candidate_block(
+            cu_seqlens, c0, k, k0, length_penalty, BLOCK_K)
+        # step along the block's longest candidate, masking the shorter ones; the loop adds elementwise and
+        # reduces once after it (fewer shuffles, and Triton 3.6's thread-locality pass asserts on a
+        # loop-carried reduction whose result is used twice)
+        b_acc = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32)
+        for t0 in range(0, tl.max(b_len, axis=0), BLOCK_T):
+            m_t = (t0 + o_t[None, :]) < b_len[:, None]
+            # [BLOCK_K, BLOCK_T]
+            b_acc += tl.load(logp + b_start[:, None] + t0 + o_t[None, :], mask=m_t, other=0.0)
+        b_sum = tl.sum(b_acc, axis=1)
+        tl.store(scores + o_c, b_sum / b_norm, mask=m_k)
 
-    # best = highest reward, the first (lowest index) on ties
-    b_rmax = tl.max(tl.where(m_k, b_r, float("-inf")), axis=0)
-    i_b = tl.min(tl.where(m_k & (b_r == b_rmax), o_k, BLOCK_K), axis=0)
-    b_sft = -tl.sum(tl.where(o_k == i_b, b_sum, 0.0), axis=0)
+        # [BLOCK_K]
+        b_r = tl.load(rewards + o_c, mask=m_k, other=float("-inf"))
+        b_rmax = tl.max(b_r, axis=0)
+        i_b = tl.min(tl.where(m_k & (b_r == b_rmax), o_k, k), axis=0)
+        m_new = b_rmax > b_rbest
+        b_rbest = tl.where(m_new, b_rmax, b_rbest)
+        i_best = tl.where(m_new, i_b.to(tl.int64), i_best)
+        b_sbest = tl.where(m_new, tl.sum(tl.where(o_k == i_b, b_sum, 0.0), axis=0), b_sbest)
+        b_lbest = tl.where(m_new, tl.sum(tl.where(o_k == i_b, b_lenf, 0.0), axis=0), b_lbest)
     if SFT_MEAN:
-        b_sft = b_sft / tl.sum(tl.where(o_k == i_b, b_lenf, 0.0), axis=0)
-    tl.store(sft + i_g, b_sft)
-    tl.store(best + i_g, c0 + i_b)
+        b_sbest = b_sbest / b_lbest
+    tl.store(sft + i_g, -b_sbest)
+    tl.store(best + i_g, c0 + i_best)
+
+    # pass 2 reads back the scores this program wrote: the barrier makes every thread's stores visible
+    tl.debug_barrier()
+    o_b = tl.arange(0, BLOCK_K)
+    b_rank = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+    for i0 in range(0, k, BLOCK_K):
+        m_i = i0 + o_b < k
+        # [BLOCK_K] rows: candidate i
+        b_pi = tl.load(scores + c0 + i0 + o_b, mask=m_i, other=0.0)
+        b_ri = tl.load(rewards + c0 + i0 + o_b, mask=m_i, other=0.0)
+        b_act = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+        for j0 in range(0, k, BLOCK_K):
+            m_j = j0 + o_b < k
+            # [BLOCK_K] columns: candidate j
+            b_pj = tl.load(scores + c0 + j0 + o_b, mask=m_j, other=0.0)
+            b_rj = tl.load(rewards + c0 + j0 + o_b, mask=m_j, other=0.0)
+            m_ij = m_i[:, None] & m_j[None, :]
+            # [BLOCK_K, BLOCK_K]: i below j in reward (i is the lower side of the pair) ...
+            m_lo = m_ij & (b_ri[:, None] < b_rj[None, :])
+            b_hinge = b_pi[:, None] - b_pj[None, :] + margin
+            b_rank += tl.where(m_lo, tl.maximum(b_hinge, 0.0), 0.0)
+            # ... and i above j (i is the higher side: its hinge is p_j - p_i + margin)
+            m_hi = m_ij & (b_rj[None, :] < b_ri[:, None])
+            b_hinge_hi = b_pj[None, :] - b_pi[:, None] + margin
+            b_act += tl.where(m_lo & (b_hinge > 0.0), 1.0, 0.0) - tl.where(m_hi & (b_hinge_hi > 0.0), 1.0, 0.0)
+        tl.store(coef + c0 + i0 + o_b, tl.sum(b_act, axis=1), mask=m_i)
+    tl.store(rank + i_g, tl.sum(tl.sum(b_rank, axis=1), axis=0))
 
 
 @triton.jit
@@ -123,58 +162,53 @@ def _rank_bwd_kernel(
     BLOCK_T: tl.constexpr,
 ):
     i_g = tl.program_id(0)
-    c0, o_k, m_k, o_c, b_start, b_len, b_lenf, b_norm = _group_candidates(
-        cu_seqlens, cu_groups, i_g, length_penalty, BLOCK_K)
+    c0, k = _group_bounds(cu_groups, i_g)
     b_rank_scale = tl.load(rank_scale).to(tl.float32)
     b_sft_scale = tl.load(sft_scale).to(tl.float32)
-
-    # [BLOCK_K]
-    b_dp = b_rank_scale * tl.load(coef + o_c, mask=m_k, other=0.0)
-    if HAS_GRAD_SCORES:
-        b_dp += tl.load(grad_scores + o_c, mask=m_k, other=0.0).to(tl.float32)
     i_b = tl.load(best + i_g) - c0
-    if SFT_MEAN:
-        b_dsft = b_sft_scale / b_lenf
-    else:
-        b_dsft = b_sft_scale + tl.zeros((BLOCK_K,), dtype=tl.float32)
-    b_ds = b_dp / b_norm - tl.where(o_k == i_b, b_dsft, 0.0)
-
-    # every token of c gets dS_c; the [BLOCK_K, BLOCK_T] broadcast writes all candidates in lockstep
     o_t = tl.arange(0, BLOCK_T)
-    b_ds_tile = b_ds[:, None] + tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32)
-    for t0 in range(0, tl.max(b_len, axis=0), BLOCK_T):
-        m_t = (t0 + o_t[None, :]) < b_len[:, None]
-        tl.store(grad_logp + b_start[:, None] + t0 + o_t[None, :], b_ds_tile, mask=m_t)
+    for k0 in range(0, k, BLOCK_K):
+        o_k, m_k, o_c, b_start, b_len, b_lenf, b_norm = _candidate_block(
+            cu_seqlens, c0, k, k0, length_penalty, BLOCK_K)
+        # [BLOCK_K]
+        b_dp = b_rank_scale * tl.load(coef + o_c, mask=m_k, other=0.0)
+        if HAS_GRAD_SCORES:
+            b_dp += tl.load(grad_scores + o_c, mask=m_k, other=0.0).to(tl.float32)
+        if SFT_MEAN:
+            b_dsft = b_sft_scale / b_lenf
+        else:
+            b_dsft = b_sft_scale + tl.zeros((BLOCK_K,), dtype=tl.float32)
+        b_ds = b_dp / b_norm - tl.where(o_k == i_b, b_dsft, 0.0)
+
+        # every token of c gets dS_c; the [BLOCK_K, BLOCK_T] broadcast writes the block in lockstep
+        b_ds_tile = b_ds[:, None] + tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32)
+        for t0 in range(0, tl.max(b_len, axis=0), BLOCK_T):
+            m_t = (t0 + o_t[None, :]) < b_len[:, None]
+            tl.store(grad_logp + b_start[:, None] + t0 + o_t[None, :], b_ds_tile, mask=m_t)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-MAX_GROUP_SIZE = 1024  # BLOCK_K cap: the [BLOCK_K, BLOCK_K] pair tile lives in registers
-
-
-def _blocks(cu_groups: torch.Tensor, max_group_size) -> dict:
-    if max_group_size is None:
-        # one host sync; callers that know the largest group (they built cu_groups) should pass it
-        max_group_size = int((cu_groups[1:] - cu_groups[:-1]).max().item()) if cu_groups.numel() > 1 else 1
-    if max_group_size > MAX_GROUP_SIZE:
-        raise ValueError(f"a group has {max_group_size} candidates; the rank kernel takes at most "
-                         f"{MAX_GROUP_SIZE} per group: split the group or use the torch backend")
-    block_k = triton.next_power_of_2(max(int(max_group_size), 1))
-    # ~4096 logp values per step of the token loop, whatever the group size: wide rows for small groups
-    block_t = max(16, min(1024, 4096 // block_k))
-    if not cu_groups.is_cuda:
-        block_t = min(block_t, 16)  # interpreter: short steps so tiny test candidates span several
-    num_warps = 4 if block_k <= 32 else (8 if block_k <= 128 else 16)
-    return dict(BLOCK_K=block_k, BLOCK_T=block_t, num_warps=num_warps if cu_groups.is_cuda else 1)
+def _blocks(device: torch.device, max_group_size) -> dict:
+    """BLOCK_K: 32 candidates per block on GPU (a 32 x 32 pair tile is 8 registers per thread at 4 warps),
+    fewer when the caller says its groups are smaller; 4 under the interpreter so the tests' groups span
+    several blocks. BLOCK_T: ~4096 logp values per step of the token loop (wide rows for small blocks)."""
+    block_k = 32 if device.type == "cuda" else 4
+    if max_group_size is not None:
+        block_k = min(block_k, triton.next_power_of_2(max(int(max_group_size), 1)))
+    block_t = max(16, min(1024, 4096 // block_k)) if device.type == "cuda" else 16
+    return dict(BLOCK_K=block_k, BLOCK_T=block_t, num_warps=4 if device.type == "cuda" else 1)
 
 
 def rank_fwd(logp, cu_seqlens, rewards, cu_groups, length_penalty: float, margin: float,
              sft_reduction: str, *, max_group_size=None):
     """-> (scores [C] fp32, rank [G] fp32, sft [G] fp32, coef [C] fp32, best [G] int64).
 
-    max_group_size: the largest k_g if the caller knows it (saves a host sync); at most MAX_GROUP_SIZE."""
+    Any group size works. max_group_size (optional, the largest k_g) only narrows the tiles for small groups."""
     logp = logp.contiguous().float()
     cu_seqlens, cu_groups, rewards = cu_seqlens.contiguous(), cu_groups.contiguous(), rewards.contiguous()
+    if not rewards.is_floating_point():
+        rewards = rewards.float()  # integer rewards: the running best starts at -inf
     C, G = cu_seqlens.numel() - 1, cu_groups.numel() - 1
     device = logp.device
     scores = torch.empty(C, dtype=torch.float32, device=device)
@@ -186,7 +220,7 @@ def rank_fwd(logp, cu_seqlens, rewards, cu_groups, length_penalty: float, margin
         _rank_fwd_kernel[(G,)](
             logp, cu_seqlens, rewards, cu_groups, scores, rank, sft, coef, best,
             float(length_penalty), float(margin), SFT_MEAN=sft_reduction == "mean",
-            **_blocks(cu_groups, max_group_size),
+            **_blocks(device, max_group_size),
         )
     return scores, rank, sft, coef, best
 
@@ -211,6 +245,6 @@ def rank_bwd(cu_seqlens, cu_groups, coef, best, grad_scores, rank_scale, sft_sca
         _rank_bwd_kernel[(G,)](
             grad_logp, cu_seqlens, cu_groups, coef, best,
             grad_scores.contiguous() if has_gs else coef, rank_scale, sft_scale, float(length_penalty),
-            SFT_MEAN=sft_reduction == "mean", HAS_GRAD_SCORES=has_gs, **_blocks(cu_groups, max_group_size),
+            SFT_MEAN=sft_reduction == "mean", HAS_GRAD_SCORES=has_gs, **_blocks(device, max_group_size),
         )
     return grad_logp

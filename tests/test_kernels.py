@@ -270,15 +270,19 @@ def test_rank_fwd_matches_direct_computation(alpha, margin, sft_reduction):
                          [pytest.param(*opt, dt, id=f"{opt[0]}-{opt[1]}-{opt[2]}-{str(dt)[6:]}")
                           for i, opt in enumerate(OPTIONS) for dt in [(torch.int32, torch.int64)[(i + i // 2) % 2]]])
 def test_rank_kernels_compose_with_reference_autograd(alpha, margin, sft_reduction, cu_dtype):
+    _check_composed(LENGTHS, GROUPS, REWARDS, alpha, margin, sft_reduction, cu_dtype)
+
+
+def _check_composed(lengths, groups, rewards, alpha, margin, sft_reduction, cu_dtype, max_group_size=None):
     """logprob_fwd -> rank_fwd -> rank_bwd -> logprob_bwd against autograd of reference.rrhf_loss_from_logits,
     with random weights and random upstream gradients on loss, rank_loss, sft_loss and scores."""
-    cu_seqlens, rewards, cu_groups = _batch(LENGTHS, GROUPS, REWARDS)
-    n_tok, G = int(cu_seqlens[-1]), len(GROUPS)
+    cu_seqlens, rewards, cu_groups = _batch(lengths, groups, rewards)
+    n_tok, G = int(cu_seqlens[-1]), len(groups)
     logits = torch.randn(n_tok, 29, dtype=torch.float64, device=DEVICE) * 2
     targets = torch.randint(0, 29, (n_tok,), device=DEVICE)
     rank_weight, sft_weight = torch.rand(2).tolist()
     grad_loss, grad_rank, grad_sft = torch.randn(3).tolist()
-    grad_scores = torch.randn(len(LENGTHS), device=DEVICE)
+    grad_scores = torch.randn(len(lengths), device=DEVICE)
 
     logits64 = logits.clone().requires_grad_()
     ref = reference.rrhf_loss_from_logits(
@@ -290,7 +294,8 @@ def test_rank_kernels_compose_with_reference_autograd(alpha, margin, sft_reducti
 
     cu_seqlens, cu_groups = cu_seqlens.to(cu_dtype), cu_groups.to(cu_dtype)
     logp, lse = logprob_fwd(logits, targets)
-    scores, rank, sft, coef, best = rank_fwd(logp, cu_seqlens, rewards, cu_groups, alpha, margin, sft_reduction)
+    scores, rank, sft, coef, best = rank_fwd(logp, cu_seqlens, rewards, cu_groups, alpha, margin, sft_reduction,
+                                             max_group_size=max_group_size)
     _close(scores, ref.scores, 1e-5, 1e-5)
     _close(rank.mean(), ref.rank_loss, 1e-5, 1e-5)
     _close(sft.mean(), ref.sft_loss, 1e-5, 1e-5)
@@ -298,7 +303,8 @@ def test_rank_kernels_compose_with_reference_autograd(alpha, margin, sft_reducti
 
     rank_scale = torch.tensor((grad_loss * rank_weight + grad_rank) / G, device=DEVICE)
     sft_scale = torch.tensor((grad_loss * sft_weight + grad_sft) / G, device=DEVICE)
-    grad_logp = rank_bwd(cu_seqlens, cu_groups, coef, best, grad_scores, rank_scale, sft_scale, alpha, sft_reduction)
+    grad_logp = rank_bwd(cu_seqlens, cu_groups, coef, best, grad_scores, rank_scale, sft_scale, alpha, sft_reduction,
+                         max_group_size=max_group_size)
     assert grad_logp.dtype == torch.float32 and grad_logp.shape == (n_tok,)
     dlogits = logprob_bwd(logits, targets, lse, grad_logp.double())
     _close(dlogits, logits64.grad, 1e-5, 1e-5)
@@ -340,16 +346,21 @@ def test_rank_single_candidate_groups_have_no_rank_term():
     _close(sft, torch.stack([-logp[0], -logp[1:3].sum(), -logp[3:].sum()]), 1e-6, 1e-6)
 
 
-def test_rank_large_group_uses_wide_tile():
-    """A group of 37 candidates (BLOCK_K = 64) next to a group of one, against the direct computation."""
+def test_rank_large_group_spans_candidate_blocks():
+    """A group of 37 candidates with many reward ties (ten candidate blocks under the interpreter, two on a
+    GPU; the best must be the first top reward across blocks) next to a group of one, against the direct
+    computation, with and without the max_group_size hint."""
     lengths = torch.randint(1, 6, (38,)).tolist()
     cu_seqlens, rewards, cu_groups = _batch(lengths, [37, 1], torch.randint(0, 5, (38,)).float().tolist())
     logp = -torch.rand(sum(lengths), device=DEVICE) * 2
-    out = rank_fwd(logp, cu_seqlens, rewards, cu_groups, 0.5, 0.1, "mean", max_group_size=37)
     expected = _direct_rank(logp, cu_seqlens, rewards, cu_groups, 0.5, 0.1, "mean")
-    for got, want in zip(out[:4], expected[:4]):
-        _close(got, want, 1e-5, 1e-5)
-    assert out[4].tolist() == expected[4].tolist()
+    for hint in (None, 37):
+        out = rank_fwd(logp, cu_seqlens, rewards, cu_groups, 0.5, 0.1, "mean", max_group_size=hint)
+        for got, want in zip(out[:4], expected[:4]):
+            _close(got, want, 1e-5, 1e-5)
+        assert out[4].tolist() == expected[4].tolist()
+    # and the gradients, through the reference's autograd (tie-heavy rewards, every candidate block)
+    _check_composed(lengths, [37, 1], rewards.tolist(), 0.5, 0.1, "mean", torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA only
