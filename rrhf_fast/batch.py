@@ -118,7 +118,10 @@ def pack_batch(prompts, candidates, rewards, *, max_tokens: int = DEFAULT_MAX_TO
     candidates   for each group a list of k_g non-empty token-id lists
     rewards      for each group k_g finite floats
     max_tokens   a row takes groups in order while their tokens (P_g + sum of the group's candidate lengths) fit;
-                 a group longer than max_tokens gets a row of its own (nothing is cut)
+                 a group longer than max_tokens gets a row of its own (nothing is cut). Fewer, wider rows waste
+                 less padding, but mode="packed" under sdpa/eager computes attention over all T x T pairs of a
+                 row (the mask only zeroes them), so a row of n groups costs about n times their attention;
+                 FlexAttention skips the masked blocks, and the other modes do not use the rows.
     pad_token_id id written into padding; any id in the vocabulary will do
 
     Groups keep their order in every field, so targets/cu_seqlens/rewards/cu_groups follow the input order.
