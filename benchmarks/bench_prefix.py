@@ -6,7 +6,11 @@ fraction of that ideal. What is timed: prefix_forward, then a backward from a fi
 the [N, D] hidden states (the LM head and loss cost the same in every mode and are left out).
 
     python benchmarks/bench_prefix.py                       # small Llama on CPU, P=384, R=48, k=4, two groups
+    python benchmarks/bench_prefix.py --threads 1 --clock cpu            # on a shared machine: CPU time, one thread
+    python benchmarks/bench_prefix.py --max-tokens 576                   # one group per row (see pack_batch)
     python benchmarks/bench_prefix.py --device cuda --dtype bfloat16 --hidden 1024 --layers 8
+
+The "of ideal" column of the baseline row is 1 / ideal: where re-encoding stands.
 """
 
 import argparse
