@@ -401,11 +401,12 @@ def linear_logprob_fwd(hidden, weight, bias, targets, *, split_v=None, allow_tf3
 
 def linear_logprob_bwd(
     hidden, weight, bias, targets, lse, grad_logp, compute_dh=True, compute_dw=True,
-    *, deterministic=True, split_v=None, split_n=None, allow_tf32=False,
+    *, compute_db=None, deterministic=True, split_v=None, split_n=None, allow_tf32=False,
 ):
     """(dh [N, D] in hidden.dtype | None, dw [V, D] in weight.dtype | None, db [V] in bias.dtype | None).
 
-    db is returned when bias is given and compute_dw is set. deterministic=True (default) runs the two
+    db is returned when a bias is given and compute_db (default: compute_dw) is set; db without dW still
+    runs the dW kernel, whose dW is then dropped. deterministic=True (default) runs the two
     race-free kernels (8NVD FLOPs, bitwise reproducible); False runs the single atomic kernel (6NVD,
     reproducible only to fp32 rounding). split_v / split_n override the reduction splits of the dh / dW
     kernels (None: chosen from the device)."""
@@ -418,7 +419,8 @@ def linear_logprob_bwd(
     precision = _dot_precision(hidden.dtype, weight.dtype, allow_tf32)
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else hidden
-    want_db = has_bias and compute_dw
+    want_db = has_bias and (compute_dw if compute_db is None else compute_db)
+    run_dw = compute_dw or want_db  # db comes out of the dW kernel
     dh = dw = db = None
     if N == 0:
         dh = torch.zeros_like(hidden) if compute_dh else None
@@ -431,13 +433,14 @@ def linear_logprob_bwd(
     if not deterministic:
         cfg = _config(device, hidden.dtype, "atomic")
         dh32 = torch.zeros(N, D, dtype=torch.float32, device=device) if compute_dh else hidden
-        dw32 = torch.zeros(V, D, dtype=torch.float32, device=device) if compute_dw else hidden
-        db32 = torch.zeros(V, dtype=torch.float32, device=device) if want_db else hidden
-        if compute_dh or compute_dw:
+        dw32 = torch.zeros(V, D, dtype=torch.float32, device=device) if run_dw else hidden
+        # the kernel adds db whenever it computes dW of a biased head, so the buffer must exist then
+        db32 = torch.zeros(V, dtype=torch.float32, device=device) if has_bias and run_dw else hidden
+        if compute_dh or run_dw:
             grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
             _linear_logprob_bwd_atomic_kernel[grid](
                 *args, dh32, dw32, db32, *sizes, HAS_BIAS=has_bias, DOT_PRECISION=precision,
-                COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw, **cfg,
+                COMPUTE_DH=compute_dh, COMPUTE_DW=run_dw, **cfg,
             )
         return (dh32.to(hidden.dtype) if compute_dh else None,
                 dw32.to(weight.dtype) if compute_dw else None,
@@ -453,7 +456,7 @@ def linear_logprob_bwd(
         )
         # the splits are summed in a fixed order, so the result stays deterministic
         dh = (dh_part[0] if split == 1 else dh_part.sum(0)).to(hidden.dtype)
-    if compute_dw:
+    if run_dw:
         cfg = _config(device, hidden.dtype, "dw")
         v_blocks = triton.cdiv(V, cfg["BLOCK_V"])
         split, n_per_split = _split(v_blocks, N, cfg["BLOCK_N"], device, split_n, 4 * V * D)
@@ -462,7 +465,8 @@ def linear_logprob_bwd(
         _linear_logprob_bwd_dw_kernel[(v_blocks, split)](
             *args, dw_part, db_part, *sizes, n_per_split, HAS_BIAS=has_bias, DOT_PRECISION=precision, **cfg,
         )
-        dw = (dw_part[0] if split == 1 else dw_part.sum(0)).to(weight.dtype)
+        if compute_dw:
+            dw = (dw_part[0] if split == 1 else dw_part.sum(0)).to(weight.dtype)
         if want_db:
             db = (db_part[0] if split == 1 else db_part.sum(0)).to(bias.dtype)
     return dh, dw, db

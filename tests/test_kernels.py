@@ -169,20 +169,22 @@ def test_linear_logprob_bwd_matches_autograd(dtype, atol, rtol, mode, with_bias)
         assert db is None
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-@pytest.mark.parametrize("compute_dh, compute_dw", [(True, False), (False, True)])
-def test_linear_logprob_bwd_flags(compute_dh, compute_dw, deterministic):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+@pytest.mark.parametrize("compute_dh, compute_dw, compute_db",
+                         [(True, False, None), (False, True, None), (False, False, True), (True, True, False)],
+                         ids=["dh", "dw_db", "db_only", "dh_dw"])
+def test_linear_logprob_bwd_flags(compute_dh, compute_dw, compute_db, deterministic):
+    """Only the asked-for gradients come back (db follows compute_dw unless compute_db says otherwise)."""
     hidden, weight, bias, targets = _linear_inputs(torch.float32, True)
     grad_logp = torch.randn(N, device=DEVICE)
     lse, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
     dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, compute_dh=compute_dh,
-                                    compute_dw=compute_dw, deterministic=deterministic)
-    assert (dh is not None) == compute_dh and (dw is not None) == compute_dw and (db is not None) == compute_dw
-    if compute_dh:
-        _close(dh, dh_ref, 1e-5, 1e-5)
-    if compute_dw:
-        _close(dw, dw_ref, 1e-5, 1e-5)
-        _close(db, db_ref, 1e-5, 1e-5)
+                                    compute_dw=compute_dw, compute_db=compute_db, deterministic=deterministic)
+    want_db = compute_dw if compute_db is None else compute_db
+    assert (dh is not None, dw is not None, db is not None) == (compute_dh, compute_dw, want_db)
+    for got, want in zip((dh, dw, db), (dh_ref, dw_ref, db_ref)):
+        if got is not None:
+            _close(got, want, 1e-5, 1e-5)
 
 
 def test_linear_logprob_extreme_logits_stay_finite():
