@@ -10,7 +10,7 @@ The maths, with h [N, D] hidden states, W [V, D] the head, b [V] an optional bia
 
 Naive (`rrhf_fast.reference`): logits matmul 2NVD FLOPs, an [N, V] fp32 logits tensor (4NV bytes; 4 GB at
 N = 8192, V = 128256) that log_softmax, the gather and the backward each read and write again, then dh and dW
-matmuls, 2NVD each: 6NVD FLOPs and ~5 passes over 4NV bytes.
+matmuls, 2NVD each: 6NVD FLOPs and ~7 passes over 4NV bytes (kernels/README.md counts them).
 
 Fused two-pass (Cut-Cross-Entropy style), what this file does:
 - forward: 2NVD FLOPs, reads h once per V split and W once per N block, writes O(N) fp32 (lse, logp);
