@@ -1,0 +1,57 @@
+"""pytest-benchmark: one RRHF optimizer step on a tiny Llama (CPU), the original RRHF code's way against rrhf_fast's.
+
+The step (zero_grad, forward, loss, backward, AdamW.step) and its variants are benchmarks/bench_step.py's:
+`original` re-encodes the prompt for every candidate, takes the full logits and the naive loss; `ours` is
+rrhf_fast.model_loss with prefix sharing (mode "auto") and the fused head. Before timing, both are checked to give
+the same loss and the same gradient for every parameter.
+
+pyproject's addopts hold --benchmark-disable, so a plain `python -m pytest` (CI) runs each benchmark once, untimed,
+to keep it from rotting. To time it:
+
+    python -m pytest benchmarks/test_bench_step.py --benchmark-enable
+"""
+
+import pytest
+import torch
+
+import bench_step
+from rrhf_fast.prefix import resolve_mode
+
+ARGV = ["--preset", "tiny", "--prompt-lens", "24", "--response-lens", "6", "--ks", "3", "--groups", "2"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    args = bench_step.parse_args(ARGV)
+    model = bench_step.build_model(args, "cpu", torch.float32)
+    work = bench_step.build_workload(bench_step.sweep_points(args)[0], args.vocab, "cpu", args.seed)
+    ours = "ours-" + resolve_mode(model, "auto")
+    return model, work, {"original": "original", "ours": ours}
+
+
+def gradients(model, work, variant):
+    model.zero_grad(set_to_none=True)
+    loss = bench_step.VARIANTS[variant][2](model, work).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_ours_matches_original(setup):
+    model, work, variants = setup
+    loss, grads = gradients(model, work, variants["ours"])
+    ref_loss, ref_grads = gradients(model, work, variants["original"])
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("which", ["original", "ours"])
+def test_step(benchmark, setup, which):
+    model, work, variants = setup
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    step = bench_step.make_step(model, optimizer, work, variants[which])
+    before = model.lm_head.weight.detach().clone()
+    loss = benchmark(step)
+    assert torch.isfinite(loss)
+    assert not torch.equal(model.lm_head.weight, before), "the optimizer step changed no weight"
