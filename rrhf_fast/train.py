@@ -38,9 +38,16 @@ import numpy as np
 import torch
 
 PROG = "rrhf_fast.train"
-PAPER_HPARAMS = dict(learning_rate=2e-5, lr_scheduler="cosine", warmup_ratio=0.03, weight_decay=0.0, batch_size=1, prefix_mode="auto")
-# The embedded default: many short groups, where one packed pass beats a per-group kv-cache loop by far.
-DEFAULT_HPARAMS = dict(learning_rate=3e-3, lr_scheduler="cosine", warmup_ratio=0.03, weight_decay=0.0, batch_size=64, prefix_mode="packed")
+PAPER_HPARAMS = dict(
+    learning_rate=2e-5, lr_scheduler="cosine", warmup_ratio=0.03, weight_decay=0.0, batch_size=1, prefix_mode="auto",
+    row_tokens=4096, threads=None, eval_every=0,
+)
+# The embedded default: many short groups, where one packed pass of short rows beats a per-group loop by far, and a
+# model so small that one CPU thread is as fast as two (and far faster when other processes share the cores).
+DEFAULT_HPARAMS = dict(
+    learning_rate=3e-3, lr_scheduler="cosine", warmup_ratio=0.03, weight_decay=0.0, batch_size=64, prefix_mode="packed",
+    row_tokens=256, threads=1, eval_every=100,
+)
 
 
 @dataclass
@@ -53,7 +60,7 @@ class TrainConfig:
     trust_remote_code: bool = False
     model_max_length: int = 512
     # how long and how
-    max_steps: int | None = None  # None: from num_train_epochs (the embedded default: 240)
+    max_steps: int | None = None  # None: from num_train_epochs (the embedded default: 300)
     num_train_epochs: float = 3.0
     batch_size: int | None = None  # queries per micro-batch
     grad_accum: int = 1
@@ -75,10 +82,11 @@ class TrainConfig:
     sft_reduction: str = "mean"
     prefix_mode: str | None = None
     loss_backend: str = "auto"
-    row_tokens: int = 512
+    row_tokens: int | None = None
+    threads: int | None = None  # CPU threads for torch; None: torch's default
     # bookkeeping
     log_every: int = 10
-    eval_every: int = 0
+    eval_every: int | None = None
     eval_batch_size: int = 64
     eval_max_examples: int = 256
     save_every: int = 500
@@ -86,7 +94,7 @@ class TrainConfig:
     overwrite_output_dir: bool = False
     stop_after: int | None = None
     # the embedded default (ignored with --model / --data)
-    task_train_size: int = 6000
+    task_train_size: int = 9000
     task_eval_size: int = 200
     tiny_hidden_size: int = 96
     tiny_layers: int = 2
@@ -132,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true", help="allow custom model code shipped in --model")
     g.add_argument("--model-max-length", "--model_max_length", type=pos_int, default=TrainConfig.model_max_length, help="tokens per candidate (prompt + response); longer prompts are cut from the left, responses from the right")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", "--max_steps", type=pos_int, help="optimizer steps; overrides --num-train-epochs (embedded default: 240)")
+    g.add_argument("--max-steps", "--max_steps", type=pos_int, help="optimizer steps; overrides --num-train-epochs (embedded default: 300)")
     g.add_argument("--num-train-epochs", "--num_train_epochs", "--epochs", type=pos, default=TrainConfig.num_train_epochs, help="passes over the data when --max-steps is not given")
     g.add_argument("--batch-size", "--per_device_train_batch_size", type=pos_int, help=f"queries per micro-batch, each with all its candidates (default: {DEFAULT_HPARAMS['batch_size']} embedded, {PAPER_HPARAMS['batch_size']} with --model)")
     g.add_argument("--grad-accum", "--gradient-accumulation-steps", "--gradient_accumulation_steps", type=pos_int, default=1, help="micro-batches per optimizer step")
@@ -146,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-checkpointing", "--gradient_checkpointing", action="store_true", help="recompute activations in the backward to save memory")
     g.add_argument("--seed", type=nonneg_int, default=0, help="seed of the model init (embedded), data order, task data and every RNG")
     g.add_argument("--device", default="auto", help="torch device; auto: cuda when available, else cpu")
+    g.add_argument("--threads", type=pos_int, help="CPU threads for torch (default: 1 for the embedded model, torch's own default with --model)")
     g = p.add_argument_group("the RRHF loss (see rrhf_fast.rrhf_loss)")
     g.add_argument("--length-penalty", "--length_penalty", type=nonneg, default=1.0, help="score = sum log p / length ** length_penalty")
     g.add_argument("--rank-weight", "--rrhf_weight", type=nonneg, default=1.0, help="weight of the pairwise hinge ranking term")
@@ -154,10 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sft-reduction", "--sft_reduction", choices=["mean", "sum"], default="mean", help="mean: SFT term per token; sum: the paper's literal sum")
     g.add_argument("--prefix-mode", "--prefix_mode", choices=["auto", "packed", "kv-cache", "none"], help="how the k candidates share their prompt: packed rows with a mask, a kv-cache per group, or none (re-encode, the original code's way); default: packed embedded, auto (rrhf_fast.prefix.resolve_mode) with --model")
     g.add_argument("--loss-backend", "--loss_backend", choices=["auto", "triton", "torch", "reference"], default="auto", help="rrhf_loss backend: auto is triton on CUDA, torch elsewhere")
-    g.add_argument("--row-tokens", "--row_tokens", type=pos_int, default=512, help="packed-row length: whole query groups share a row up to this many tokens (attention costs row_tokens**2 per row)")
+    g.add_argument("--row-tokens", "--row_tokens", type=pos_int, help="packed-row length: whole query groups share a row up to this many tokens; attention costs row_tokens**2 a row (default: 256 embedded, 4096 with --model)")
     g = p.add_argument_group("logging, evaluation and checkpoints")
     g.add_argument("--log-every", "--logging_steps", type=pos_int, default=10, help="steps between metrics.jsonl lines")
-    g.add_argument("--eval-every", "--eval_steps", type=nonneg_int, default=0, help="steps between held-out evaluations; 0: before and after training only")
+    g.add_argument("--eval-every", "--eval_steps", type=nonneg_int, help="steps between held-out evaluations; 0: before and after training only (default: 100 embedded, 0 with --model)")
     g.add_argument("--eval-batch-size", "--per_device_eval_batch_size", type=pos_int, default=64, help="queries per evaluation batch")
     g.add_argument("--eval-max-examples", type=pos_int, default=256, help="held-out queries evaluated at most")
     g.add_argument("--save-every", "--save_steps", type=nonneg_int, default=500, help="steps between checkpoints (and the last step); 0: only final/")
@@ -165,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite-output-dir", "--overwrite_output_dir", action="store_true", help="start afresh even if --output-dir holds checkpoints (they are deleted)")
     g.add_argument("--stop-after", type=pos_int, help="stop after this step as if killed (for testing --resume): no final/, no summary")
     g = p.add_argument_group("the embedded default (ignored with --model / --data)")
-    g.add_argument("--task-train-size", type=pos_int, default=6000, help="training queries of the addition task")
+    g.add_argument("--task-train-size", type=pos_int, default=9000, help="training queries of the addition task (train + held-out at most 10000)")
     g.add_argument("--task-eval-size", type=pos_int, default=200, help="held-out queries of the addition task")
     g.add_argument("--tiny-hidden-size", type=pos_int, default=96, help="hidden size of the embedded Llama (4 heads, so a multiple of 8)")
     g.add_argument("--tiny-layers", type=pos_int, default=2, help="layers of the embedded Llama")
@@ -181,7 +190,9 @@ def resolve_config(argv) -> TrainConfig:
         if getattr(cfg, name) is None:
             setattr(cfg, name, value)
     if cfg.model is None and cfg.data is None and cfg.max_steps is None:
-        cfg.max_steps = 240
+        cfg.max_steps = 300
+    if cfg.data is None and cfg.task_train_size + cfg.task_eval_size > 10_000:
+        raise InputError(f"--task-train-size + --task-eval-size must be at most 10000 (distinct queries), got {cfg.task_train_size + cfg.task_eval_size}")
     if cfg.model is None and cfg.tiny_hidden_size % 8:
         raise InputError(f"--tiny-hidden-size must be a multiple of 8 (4 heads of even size), got {cfg.tiny_hidden_size}")
     return cfg
@@ -358,12 +369,15 @@ def main(argv=None) -> int:
     from rrhf_fast.batch import pack_batch
     from rrhf_fast.data import DataError
     from rrhf_fast.evaluate_model import greedy_answers, mean_reward, pair_accuracy, ranking_accuracy
-    from rrhf_fast.prefix import model_loss
+    from rrhf_fast.loss import _resolve_backend
+    from rrhf_fast.prefix import model_loss, resolve_mode
 
     hf_logging.disable_progress_bar()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
 
     model, tokenizer = load_model_and_tokenizer(cfg, resume_from or cfg.model)
@@ -372,10 +386,16 @@ def main(argv=None) -> int:
     except DataError as err:
         raise InputError(str(err)) from None
     model.to(device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # renamed in transformers 5.2x; the old name still works before that
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.config.use_cache = False
     model.train()
+    for flag, check in (("--prefix-mode", lambda: resolve_mode(model, cfg.prefix_mode)),
+                        ("--loss-backend", lambda: _resolve_backend(cfg.loss_backend, device))):  # fmt: skip
+        try:  # the checks model_loss makes on every call, made once before any work
+            check()
+        except ValueError as err:
+            raise InputError(f"{flag}: {err}") from None
 
     micro_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * micro_per_epoch / cfg.grad_accum))

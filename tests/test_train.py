@@ -20,7 +20,7 @@ TINY = [
     "--tiny-hidden-size", "32", "--tiny-layers", "1", "--task-train-size", "96", "--task-eval-size", "16",
     "--batch-size", "8", "--eval-batch-size", "16", "--log-every", "1",
 ]  # fmt: skip
-RUN = TINY + ["--max-steps", "6", "--save-every", "2"]
+RUN = TINY + ["--max-steps", "6", "--save-every", "2", "--device", "cpu"]  # resume is exact on CPU
 
 
 def run_cli(args, cwd, check_rc=0):
@@ -208,12 +208,39 @@ def test_bad_data_file(tmp_path, capsys, line, message, which):
         (["--prefix-mode", "sideways"], "invalid choice"),
         (["--frobnicate"], "unrecognized arguments"),
         (["--tiny-hidden-size", "30"], "multiple of 8"),
+        (["--task-train-size", "9900"], "at most 10000"),
     ],
 )
 def test_bad_paths_and_flags(tmp_path, capsys, argv, message):
     assert train.cli([*argv, "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rrhf_fast.train: error: ") and message in err[0]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--prefix-mode", "kv-cache", "--gradient-checkpointing"], "--prefix-mode: mode=\"kv-cache\" cannot run under gradient checkpointing"),
+        (["--loss-backend", "triton", "--device", "cpu"], "--loss-backend: backend='triton' needs"),
+    ],
+)
+def test_flag_combinations_the_model_cannot_run(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the root conftest sets it on machines without CUDA
+    assert train.cli([*TINY, *argv, "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("rrhf_fast.train: error: ") and message in err[-1]
+
+
+def test_other_options_run(tmp_path):
+    """bf16 autocast, gradient checkpointing, accumulation, the other prefix modes, loss options and schedules."""
+    for i, extra in enumerate((
+        ["--bf16", "--gradient-checkpointing", "--grad-accum", "2"],
+        ["--prefix-mode", "kv-cache", "--loss-backend", "reference", "--margin", "0.1", "--sft-reduction", "sum", "--length-penalty", "0.5"],
+        ["--prefix-mode", "none", "--lr-scheduler", "linear", "--weight-decay", "0.1", "--max-grad-norm", "0", "--num-train-epochs", "0.5"],
+    )):  # fmt: skip
+        out = tmp_path / f"o{i}"
+        assert train.cli([*TINY, "--max-steps", "2", "--save-every", "0", "--output-dir", str(out), *extra]) == 0, extra
+        assert (out / "final" / "model.safetensors").is_file()
 
 
 def test_model_directory_without_config(tmp_path, capsys):
@@ -256,4 +283,4 @@ def test_shortened_default_run_raises_held_out_ranking_accuracy(tmp_path):
     run_cli(["--max-steps", "60", "--task-eval-size", "100", "--log-every", "20", "--output-dir", "out"], tmp_path)
     summary = json.load(open(tmp_path / "out" / "summary.json"))
     before, after = summary["eval_before"]["rank_acc"], summary["eval_after"]["rank_acc"]
-    assert after >= before + 0.08, (before, after)
+    assert after >= before + 0.12, (before, after)  # measured: 0.507 -> 0.734
