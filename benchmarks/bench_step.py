@@ -41,28 +41,35 @@ import itertools
 import multiprocessing
 import os
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+# Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning threads that lose their core to another
+# process made single steps 10 to 100 times slower at random. Set before torch loads OpenMP, and only when run as a
+# script (importers keep their environment); an explicit value wins.
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from report import machine, median_seconds, peak_extra_bytes, write_table
-from rrhf_fast import model_loss, pack_batch, prefix_forward, reference
-from rrhf_fast.prefix import resolve_mode
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from report import machine, median_seconds, peak_extra_bytes, write_table  # noqa: E402
+from rrhf_fast import model_loss, pack_batch, prefix_forward, reference  # noqa: E402
+from rrhf_fast.prefix import resolve_mode  # noqa: E402
 
 # Llama shapes. llama-1b is Llama 3.2 1B (tied embeddings); tiny is for the pytest-benchmark suite.
 PRESETS = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=512),
-    "llama-small": dict(hidden=192, layers=3, heads=4, kv_heads=2, intermediate=512, vocab=2048),
+    "llama-small": dict(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=688, vocab=4096),
     "llama-1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256),
 }
 
 # The sweep when --prompt-lens / --response-lens / --ks are not given: a few minutes on a 2-core CPU; on a GPU
 # it includes the target point P=512, R=128, k=4.
 DEFAULT_SWEEP = {
-    "cpu": dict(prompt_lens="64,256", response_lens="16", ks="2,4", groups=1),
-    "cuda": dict(prompt_lens="256,512,1024", response_lens="128", ks="2,4", groups=2),
+    "cpu": dict(prompt_lens="128,384", response_lens="32,96", ks="2,4"),
+    "cuda": dict(prompt_lens="256,512,1024", response_lens="128", ks="2,4"),
 }
 
 # Loss agreement with `original` required before timing, relative to its loss.
@@ -82,14 +89,14 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-lens", help="comma-separated prompt lengths P to sweep (default: per device)")
     parser.add_argument("--response-lens", help="comma-separated response lengths R to sweep (default: per device)")
     parser.add_argument("--ks", help="comma-separated candidate counts k to sweep (default: per device)")
-    parser.add_argument("--groups", type=int, help="query groups per batch (default: 1 on CPU, 2 on CUDA)")
+    parser.add_argument("--groups", type=int, default=2, help="query groups per batch")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated variants to run, from {', '.join(VARIANTS)} (original is always run)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="model dtype: float32 or bfloat16")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=5,
                         help="timed steps per variant (CPU) or 100 ms units of do_bench time (CUDA); the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before timing")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -158,7 +165,8 @@ def build_model(args, device, dtype) -> LlamaForCausalLM:
         tie_word_embeddings=args.preset == "llama-1b",
         attn_implementation=args.attn,
     )
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+    with torch.device(device):  # initialised where it runs: a 1B model builds in seconds on a GPU
+        return LlamaForCausalLM(config).to(dtype).train()
 
 
 def build_workload(point: Point, vocab: int, device, seed: int) -> Workload:
@@ -343,8 +351,9 @@ def main(argv=None):
         return
     device = torch.device(args.device).type
     name = "step-cpu" if device == "cpu" else "step-" + torch.cuda.get_device_name().lower().replace(" ", "-")
+    command = " ".join(["python benchmarks/bench_step.py", *(sys.argv[1:] if argv is None else argv)])
     notes = (
-        describe(args) + f"; load average (1, 5, 15 min) {load_start} at the start, {_load()} at the end" + ". `speedup`: step time of `original` over the variant's, same run. `ideal` = k(P+R)/(P+kR), "
+        f"Command: `{command}`. " + describe(args) + f"; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average (1, 5, 15 min) {load_start} at the start, {_load()} at the end" + ". `speedup`: step time of `original` over the variant's, same run. `ideal` = k(P+R)/(P+kR), "
         "the prefix-sharing bound for the model body; `of ideal` = speedup / ideal (whole step, so the head's saving "
         "also counts); `prefix of ideal`: speedup over `reencode-fused` (same fused head) / ideal. `peak MiB`: what one "
         "step adds above the weights and AdamW state."
