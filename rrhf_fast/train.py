@@ -423,7 +423,10 @@ def main(argv=None) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
 
+    eval_seconds = []  # time spent in evaluate(), left out of the training tokens/s
+
     def evaluate(step):
+        t0 = time.time()
         with autocast():
             result = {"rank_acc": ranking_accuracy(
                 model, eval_data, batch_size=cfg.eval_batch_size, mode=cfg.prefix_mode, loss_options=loss_options,
@@ -435,6 +438,7 @@ def main(argv=None) -> int:
                 result["exact"] = sum(reward_fn(q, a) == 1.0 for q, a in zip(eval_queries, answers)) / len(answers)
         with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps({"type": "eval", "step": step, **result}) + "\n")
+        eval_seconds.append(time.time() - t0)
         return result
 
     def batch_indices(position):  # micro-batch number `position` counted from the start of training
@@ -453,6 +457,10 @@ def main(argv=None) -> int:
         kept = [line for line in open(metrics_path, encoding="utf-8") if json.loads(line)["step"] <= step] if os.path.exists(metrics_path) else []
         with open(metrics_path, "w", encoding="utf-8") as f:
             f.writelines(kept)
+        saved = json.load(open(os.path.join(resume_from, "train_config.json"), encoding="utf-8"))
+        changed = [k for k, v in asdict(cfg).items() if k not in ("resume", "stop_after", "overwrite_output_dir") and saved.get(k) != v]
+        if changed:
+            print(f"{PROG}: warning: --resume with settings other than the checkpoint's: {', '.join(changed)}", file=sys.stderr)
         print(f"resuming from {resume_from} (step {step} of {max_steps})", file=sys.stderr)
     else:
         step, position, tokens_seen = 0, 0, 0
@@ -522,6 +530,8 @@ def main(argv=None) -> int:
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{rank_acc:.2f}", tok_s=f"{tps:.0f}")
+            if bar.disable:  # no terminal (a log file, a pipe): a plain line instead of the bar
+                print(f"step {step}/{max_steps} loss {totals['loss']:.4f} rank_acc {rank_acc:.3f} tokens/s {tps:.0f}", file=sys.stderr)
             t_log, tokens_log = time.time(), 0
         if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
             bar.write(f"step {step}: {json.dumps(evaluate(step))}")
@@ -533,7 +543,7 @@ def main(argv=None) -> int:
             print(f"stopped after step {step} (--stop-after)", file=sys.stderr)
             return 0
     bar.close()
-    train_wall = time.time() - t_train
+    train_wall = time.time() - t_train - sum(eval_seconds[0 if resume_from else 1 :])  # eval_before came before t_train
 
     eval_after = evaluate(step)
     print(f"after training:  {json.dumps(eval_after)}", file=sys.stderr)
