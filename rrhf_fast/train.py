@@ -218,7 +218,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, source: str | None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # anything from_pretrained raises on a user's directory is bad input, not a crash
         raise InputError(f"{source}: cannot load the model or tokenizer: {' '.join(str(err).split())}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -383,8 +383,10 @@ def main(argv=None) -> int:
     model, tokenizer = load_model_and_tokenizer(cfg, resume_from or cfg.model)
     try:
         train_data, eval_data, eval_queries, reward_fn = load_data(cfg, tokenizer)
-    except DataError as err:
+    except DataError as err:  # "<file>:<line>: <what is wrong>"
         raise InputError(str(err)) from None
+    except ValueError as err:  # a tokenizer the data cannot be encoded with (no EOS, ...)
+        raise InputError(f"{cfg.model}: {err}") from None
     model.to(device)
     if cfg.gradient_checkpointing:  # renamed in transformers 5.2x; the old name still works before that
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()

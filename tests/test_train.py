@@ -243,10 +243,17 @@ def test_other_options_run(tmp_path):
         assert (out / "final" / "model.safetensors").is_file()
 
 
-def test_model_directory_without_config(tmp_path, capsys):
+def test_broken_model_directories(full_run, tmp_path, capsys):
+    import shutil
+
     (tmp_path / "empty_model").mkdir()
     assert train.cli(["--model", str(tmp_path / "empty_model"), "--output-dir", str(tmp_path / "o")]) == 2
     assert "not a Hugging Face model directory" in capsys.readouterr().err
+    shutil.copytree(os.path.join(full_run, "final"), tmp_path / "broken")
+    (tmp_path / "broken" / "model.safetensors").write_text("not safetensors")
+    assert train.cli(["--model", str(tmp_path / "broken"), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"rrhf_fast.train: error: {tmp_path / 'broken'}: cannot load the model or tokenizer: ")
 
 
 def test_bad_input_exit_status_in_a_real_process(tmp_path):
