@@ -43,7 +43,8 @@ PAPER_HPARAMS = dict(
     row_tokens=4096, threads=None, eval_every=0,
 )
 # The embedded default: many short groups, where one packed pass of short rows beats a per-group loop by far, and a
-# model so small that one CPU thread is as fast as two (and far faster when other processes share the cores).
+# model so small that a second CPU thread gains little and, on cores shared with other processes, costs a lot (on a
+# busy 2-core machine the default run took 37 s with one thread, 107 s with two).
 DEFAULT_HPARAMS = dict(
     learning_rate=3e-3, lr_scheduler="cosine", warmup_ratio=0.03, weight_decay=0.0, batch_size=64, prefix_mode="packed",
     row_tokens=256, threads=1, eval_every=100,
