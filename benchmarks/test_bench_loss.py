@@ -1,7 +1,7 @@
 """pytest-benchmark: rrhf_fast.rrhf_loss forward + backward at a small size, for each backend.
 
 What is timed: the loss of a packed batch from hidden states and the LM head (4 groups of 4 candidates, 8 to 40
-tokens each, D = 128, V = 4096, fp32), then the gradients of hidden and weight. Backends: "reference" (the naive
+tokens each, D = 128, V = 4096, fp32), then the gradients of hidden and weight, on one CPU thread. Backends: "reference" (the naive
 baseline, rrhf_fast.reference) and "torch" on CPU, "triton" on CUDA only (skipped without CUDA). Before timing,
 each backend's loss and gradients are checked against the reference's.
 
@@ -18,6 +18,16 @@ import rrhf_fast
 from rrhf_fast import reference
 
 GROUPS, K, DIM, VOCAB = 4, 4, 128, 4096
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Time on one CPU thread: idle OpenMP threads spin, and on a shared machine a spinning thread that loses its
+    core stalls the next parallel region, which made timings 10 to 50 times slower at random."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 CASES = [
     pytest.param("reference", "cpu", id="reference-cpu"),

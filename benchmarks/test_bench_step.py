@@ -16,6 +16,7 @@ import torch
 
 import bench_step
 from rrhf_fast.prefix import resolve_mode
+from test_bench_loss import one_cpu_thread  # noqa: F401  (autouse fixture: time on one CPU thread)
 
 ARGV = ["--preset", "tiny", "--prompt-lens", "24", "--response-lens", "6", "--ks", "3", "--groups", "2"]
 
