@@ -105,8 +105,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-write", action="store_true", help="print the table only; write no files")
     args = parser.parse_args(argv)
     device = torch.device(args.device).type
-    preset = PRESETS[args.preset or ("llama-1b" if device == "cuda" else "llama-small")]
-    for name, value in preset.items():
+    args.preset = args.preset or ("llama-1b" if device == "cuda" else "llama-small")
+    for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     for name, value in DEFAULT_SWEEP[device].items():
@@ -336,7 +336,7 @@ def _load() -> str:
 
 def describe(args) -> str:
     return (
-        f"Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv), intermediate "
+        f"Llama ({args.preset} preset) hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv), intermediate "
         f"{args.intermediate}, vocab {args.vocab}, attn {args.attn}, {args.dtype}; {args.groups} groups per batch; "
         f"AdamW; median of {args.repeats} steps after {args.warmup} warm-up"
     )
