@@ -21,14 +21,15 @@ same run and that speedup as a fraction of the ideal (`of ideal`). The head is n
 head on all k(P + R) positions, the fused variants on the kR response tokens only, and the optimizer step costs the
 same in all variants, so the whole-step fraction can pass 1 where the head dominates (large V, small model) and
 stays below 1 where the optimizer does. `prefix of ideal` isolates prefix sharing: the speedup of a fused-head
-prefix variant over `reencode-fused` (same head, same optimizer), as a fraction of the ideal.
+prefix variant over `reencode-fused` (same head, same optimizer), as a fraction of the ideal; the head and the
+optimizer do not shrink with sharing, so it stays below 1 by their share of the step.
 
 Times are medians over repeated steps after warm-up (CPU: the variants take turns within each round, so load from
-other processes falls on all alike). Peak memory is what one step adds above the model, its gradients' absence and
-the AdamW state (report.peak_extra_bytes, after a warm-up step); on CPU each variant is measured in a fresh forked
-process.
-Every variant's loss is checked against `original` before anything is timed. Results go to
-benchmarks/results/<date>-step-cpu.md (or step-<gpu>.md) with the machine and library versions.
+other processes falls on all alike; run as a script, OpenMP waits passively, see below). Peak memory is what one
+step adds above the weights and the AdamW state (report.peak_extra_bytes, after a warm-up step); on CPU each variant
+is measured in a fresh forked process. Every variant's loss is checked against `original` before anything is timed.
+Results go to benchmarks/results/<date>-step-cpu.md and .csv (or step-<gpu>) with the machine, the library
+versions, the command and the load average.
 
     python benchmarks/bench_step.py --threads 2                         # small Llama on CPU, default sweep
     python benchmarks/bench_step.py --device cuda --dtype bfloat16 --preset llama-1b
