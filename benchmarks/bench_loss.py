@@ -3,7 +3,8 @@
 Each provider turns hidden states [N, D] and an LM head [V, D] into the same RRHF loss over a packed batch
 (groups of k = 4 candidates of 64 tokens) and back into gradients of both. Reported per size and provider:
 median time after warm-up, time as a multiple of the reference's and of the 6NVD matmul floor measured in
-the same run (three [N, D] x [D, V] matmuls at this machine's rate), and the peak extra memory of one call
+the same run (the three head matmuls, z = h W^T, dz W and dz^T h, at this machine's rate), and the peak
+extra memory of one call
 (CUDA: max_memory_allocated; CPU: resident-set growth in a fresh process per provider).
 
 Providers (each checked against the reference before it is timed; absent libraries are skipped):
@@ -27,12 +28,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+# Idle OpenMP threads sleep rather than spin (set before torch loads OpenMP; an explicit value wins): on a
+# shared CPU a spinning thread that loses its core makes single calls many times slower at random.
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import report
-import rrhf_fast
-from rrhf_fast import reference
-from rrhf_fast.loss import LinearLogprobFunction, rrhf_loss_from_logprobs
+import torch  # noqa: E402
+
+import report  # noqa: E402
+import rrhf_fast  # noqa: E402
+from rrhf_fast import reference  # noqa: E402
+from rrhf_fast.loss import LinearLogprobFunction, rrhf_loss_from_logprobs  # noqa: E402
 
 CANDIDATES_PER_GROUP, TOKENS_PER_CANDIDATE = 4, 64
 CPU_PROVIDERS = ["reference", "reference-compile", "torch", "torch-linear-ce"]
@@ -109,8 +115,8 @@ def provider_fn(name):
 
 
 def fwd_bwd(fn, x):
-    out = fn(x)
     x["hidden"].grad = x["weight"].grad = None
+    out = fn(x)
     out.loss.backward()
     return out
 
@@ -144,16 +150,24 @@ def measure(provider, num_tokens, dim, vocab, dtype, device, repeats, check):
             raise SystemExit(f"{provider} disagrees with the reference at N={num_tokens}: {problem}")
         del ref
     fwd_bwd(fn, x)  # warm-up (and compilation) before the memory measurement
+    x["hidden"].grad = x["weight"].grad = None  # so that the peak counts the gradients the call allocates
     extra = report.peak_extra_bytes(lambda: fwd_bwd(fn, x), device)
     seconds = report.median_seconds(lambda: fwd_bwd(fn, x), device, repeats=repeats, warmup=0)
     return {"seconds": seconds, "extra_bytes": extra}
 
 
 def matmul_floor(num_tokens, dim, vocab, dtype, device, repeats):
-    """6NVD at this machine's matmul rate: three times one [N, D] x [D, V] matmul."""
+    """6NVD at this machine's matmul rate: the three head matmuls of a backward pass, each timed on its own.
+
+    z = h W^T ([N, D] x [D, V]), dh = dz W ([N, V] x [V, D]) and dW = dz^T h ([V, N] x [N, D]) do the same
+    FLOPs but not at the same speed (the two backward shapes reduce over a long dimension), so the floor is
+    their sum, not three times the first.
+    """
     x = make_inputs(num_tokens, dim, vocab, dtype, device)
     hidden, weight = x["hidden"].detach(), x["weight"].detach()
-    return 3 * report.median_seconds(lambda: hidden @ weight.T, device, repeats=repeats)
+    dz = torch.randn(num_tokens, vocab, device=device, dtype=dtype)
+    shapes = ((hidden, weight.T), (dz, weight), (dz.T, hidden))
+    return sum(report.median_seconds(lambda a=a, b=b: a @ b, device, repeats=repeats) for a, b in shapes)
 
 
 def in_fresh_process(args, provider, size):

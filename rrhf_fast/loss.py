@@ -115,7 +115,8 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that `backend` means for tensors on `device`; ValueError if it cannot run there."""
     if backend == "auto":
         return "triton" if device.type == "cuda" and _kernels() is not None else "torch"
     if backend == "triton":
@@ -342,7 +343,7 @@ def rrhf_loss(
     _check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)
     _check_batch(hidden.shape[0], hidden.device, cu_seqlens, rewards, cu_groups)
     options = _option_tuple(length_penalty, rank_weight, sft_weight, margin, sft_reduction)
-    backend = _resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
         return reference.rrhf_loss(
             hidden, weight, targets, cu_seqlens, rewards, cu_groups, bias=bias, **dict(zip(OPTION_NAMES, options))
@@ -378,7 +379,7 @@ def rrhf_loss_from_logits(
     _check_targets(targets, logits.shape[0], logits.shape[1], logits.device)
     options = dict(length_penalty=length_penalty, rank_weight=rank_weight, sft_weight=sft_weight, margin=margin)
     _check_options(**options, sft_reduction=sft_reduction, backend=backend)
-    backend = _resolve_backend(backend, logits.device)
+    backend = resolve_backend(backend, logits.device)
     if backend == "reference":
         _check_batch(logits.shape[0], logits.device, cu_seqlens, rewards, cu_groups)
         return reference.rrhf_loss_from_logits(
@@ -408,7 +409,7 @@ def rrhf_loss_from_logprobs(
         raise ValueError(f"logprobs must be a 1-D floating-point tensor [N], got {logprobs.dtype} {tuple(logprobs.shape)}")
     _check_options(length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend)
     _check_batch(logprobs.shape[0], logprobs.device, cu_seqlens, rewards, cu_groups)
-    backend = _resolve_backend(backend, logprobs.device)
+    backend = resolve_backend(backend, logprobs.device)
     options = _option_tuple(length_penalty, rank_weight, sft_weight, margin, sft_reduction)
     if backend == "reference":
         return reference.rrhf_loss_from_logprobs(
@@ -426,7 +427,7 @@ def sequence_scores(hidden, weight, targets, cu_seqlens, *, bias=None, length_pe
     _check_head(hidden, weight, bias)
     _check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)
     _check_batch(hidden.shape[0], hidden.device, cu_seqlens)
-    backend = _resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
         return reference.sequence_scores(hidden, weight, targets, cu_seqlens, bias=bias, length_penalty=length_penalty)
     logp = _linear_logprob(hidden, weight, bias, targets, _impl(backend))

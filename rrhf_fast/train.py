@@ -370,7 +370,7 @@ def main(argv=None) -> int:
     from rrhf_fast.batch import pack_batch
     from rrhf_fast.data import DataError
     from rrhf_fast.evaluate_model import greedy_answers, mean_reward, pair_accuracy, ranking_accuracy
-    from rrhf_fast.loss import _resolve_backend
+    from rrhf_fast.loss import resolve_backend
     from rrhf_fast.prefix import model_loss, resolve_mode
 
     hf_logging.disable_progress_bar()
@@ -394,7 +394,7 @@ def main(argv=None) -> int:
     model.config.use_cache = False
     model.train()
     for flag, check in (("--prefix-mode", lambda: resolve_mode(model, cfg.prefix_mode)),
-                        ("--loss-backend", lambda: _resolve_backend(cfg.loss_backend, device))):  # fmt: skip
+                        ("--loss-backend", lambda: resolve_backend(cfg.loss_backend, device))):  # fmt: skip
         try:  # the checks model_loss makes on every call, made once before any work
             check()
         except ValueError as err:
