@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -23,10 +24,14 @@ TINY = [
 RUN = TINY + ["--max-steps", "6", "--save-every", "2", "--device", "cpu"]  # resume is exact on CPU
 
 
-def run_cli(args, cwd, check_rc=0):
-    """Run the CLI in a fresh interpreter, from `cwd`, on this checkout's sources; one thread (a tiny model)."""
+def cli_command(args, cwd):
+    """The CLI in a fresh interpreter, from `cwd`, on this checkout's sources; one thread (a tiny model)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "rrhf_fast.train", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return dict(args=[sys.executable, "-m", "rrhf_fast.train", *args], cwd=cwd, env=env)
+
+
+def run_cli(args, cwd, check_rc=0):
+    proc = subprocess.run(**cli_command(args, cwd), capture_output=True, text=True)
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stderr[-3000:]
     return proc
@@ -116,6 +121,25 @@ def test_resumed_run_equals_uninterrupted_run(full_run, tmp_path):
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
     assert metrics(out) == metrics(full_run)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL the process as soon as checkpoint-4 is complete (it may be mid-step or mid-way through writing
+    checkpoint-6), resume, and the final weights equal an uninterrupted run's."""
+    args = [*TINY, "--max-steps", "40", "--save-every", "2", "--eval-every", "0", "--device", "cpu"]
+    run_cli([*args, "--output-dir", "full"], tmp_path)
+    proc = subprocess.Popen(**cli_command([*args, "--output-dir", "killed"], tmp_path), stderr=subprocess.DEVNULL)
+    marker = tmp_path / "killed" / "checkpoint-4" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert marker.exists() and not (tmp_path / "killed" / "final").exists(), "the run was not killed mid-way"
+    run_cli([*args, "--output-dir", "killed", "--resume"], tmp_path)
+    full, resumed = load_weights(tmp_path / "full" / "final"), load_weights(tmp_path / "killed" / "final")
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
 
 
 def test_existing_checkpoints_need_resume_or_overwrite(full_run, tmp_path):
