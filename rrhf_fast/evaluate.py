@@ -23,11 +23,13 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
+from rrhf_fast.cli import InputError, Parser, run
+
 PROG = "rrhf_fast.evaluate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", "--model_name_or_path", required=True, help="local Hugging Face causal LM directory")
     p.add_argument("--data", "--data_path", required=True, help="RRHF JSONL: {query, responses, scores} a line")
     p.add_argument("--out", help="write the input lines with the model's per-candidate scores added (JSONL)")
@@ -47,10 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class InputError(Exception):
-    """Bad input the user can fix: printed as one line, exit status 2."""
-
-
 def load_reward(spec: str):
     """'task' or 'module:function' -> a callable (query, response) -> float."""
     if spec == "task":
@@ -63,9 +61,12 @@ def load_reward(spec: str):
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # a module in the working directory, as `python -m` would find it
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as err:
-        raise InputError(f"--reward {spec!r}: {err}") from None
+        module = importlib.import_module(module_name)
+    except Exception as err:  # whatever the user's module raises while importing is bad input, not a crash
+        raise InputError(f"--reward {spec!r}: importing {module_name} failed: {type(err).__name__}: {err}") from None
+    function = getattr(module, function_name, None)
+    if function is None:
+        raise InputError(f"--reward {spec!r}: {module_name} has no attribute {function_name!r}")
     if not callable(function):
         raise InputError(f"--reward {spec!r}: {function_name} is not callable")
     return function
@@ -97,7 +98,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from rrhf_fast.data import DataError, read_jsonl, tokenize
     from rrhf_fast.evaluate_model import greedy_answers, mean_reward, pair_accuracy
-    from rrhf_fast.train import InputError as LoadError
     from rrhf_fast.train import load_model_and_tokenizer
 
     if args.batch_size < 1 or args.model_max_length < 2 or args.max_new_tokens < 1:
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         model, tokenizer = load_model_and_tokenizer(SimpleNamespace(trust_remote_code=args.trust_remote_code), args.model)
         examples = read_jsonl(args.data)
         tokenized, cut = tokenize(examples, tokenizer, args.model_max_length)
-    except (LoadError, DataError) as err:
+    except DataError as err:
         raise InputError(str(err)) from None
     if cut.prompts or cut.responses:
         print(f"{PROG}: warning: {args.data}: {cut} to fit --model-max-length {args.model_max_length}", file=sys.stderr)
@@ -166,11 +166,7 @@ def main(argv=None) -> int:
 
 
 def cli(argv=None) -> int:
-    try:
-        return main(argv)
-    except InputError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    return run(main, PROG, argv)
 
 
 if __name__ == "__main__":

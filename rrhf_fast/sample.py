@@ -34,14 +34,10 @@ import sys
 import torch
 
 from rrhf_fast.data import DataError
-from rrhf_fast.evaluate import InputError, load_reward  # one --reward syntax and one error type for both commands
+from rrhf_fast.cli import InputError, Parser, number, run
+from rrhf_fast.evaluate import load_reward  # one --reward syntax for both commands
 
 PROG = "rrhf_fast.sample"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block, exit 2
-        raise InputError(message)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,19 +228,7 @@ def model_reward(path: str, *, device: torch.device, batch_size: int, trust_remo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def number(kind, low, inclusive=True):
-        def parse(text):
-            try:
-                value = kind(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-            if not math.isfinite(value) or (value < low if inclusive else value <= low):
-                raise argparse.ArgumentTypeError(f"{text} must be {'>=' if inclusive else '>'} {low}")
-            return value
-
-        return parse
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     g = p.add_argument_group("input and output")
     g.add_argument("--model", "--model_name_or_path", required=True, help="local Hugging Face causal LM directory (AutoModelForCausalLM + AutoTokenizer)")
@@ -255,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sampling")
     g.add_argument("-k", "--num-candidates", "--num_return_sequences", type=number(int, 1), default=4, help="candidates sampled a query")
     g.add_argument("--temperature", type=number(float, 0), default=1.0, help="softmax temperature; 0: greedy (all k the same)")
-    g.add_argument("--top-p", "--top_p", type=number(float, 0, inclusive=False), default=1.0, help="nucleus sampling: draw from the most likely tokens whose probabilities reach this")
+    g.add_argument("--top-p", "--top_p", type=number(float, 0, low_inclusive=False), default=1.0, help="nucleus sampling: draw from the most likely tokens whose probabilities reach this")
     g.add_argument("--max-new-tokens", "--max_new_tokens", type=number(int, 1), default=128, help="tokens a candidate at most (the paper's 128)")
     g.add_argument("--diverse-beams", action="store_true", help="the paper's diverse beam search (4 beams, 4 groups, penalty 1.0); not available: transformers 5 moved it to the Hub")
     g.add_argument("--seed", type=number(int, 0), default=0, help="every query samples from a generator seeded with (seed, its position)")
@@ -329,11 +313,7 @@ def main(argv=None) -> int:
 
 
 def cli(argv=None) -> int:
-    try:
-        return main(argv)
-    except InputError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    return run(main, PROG, argv)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from rrhf_fast.cli import InputError, Parser, number, run
+
 PROG = "rrhf_fast.train"
 PAPER_HPARAMS = dict(
     learning_rate=2e-5, lr_scheduler="cosine", warmup_ratio=0.03, weight_decay=0.0, batch_size=1, prefix_mode="auto",
@@ -101,38 +103,14 @@ class TrainConfig:
     tiny_layers: int = 2
 
 
-class InputError(Exception):
-    """Bad input the user can fix: printed as one line, exit status 2."""
-
-
 class NonFiniteLoss(Exception):
     """Training diverged: NonFiniteLoss(message, last checkpoint or None), printed as one line, exit status 3."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block, exit 2
-        raise InputError(message)
-
-
-def _finite(kind=float, low=None, low_inclusive=True):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if low is not None and (value < low if low_inclusive else value <= low):
-            raise argparse.ArgumentTypeError(f"{text} must be {'>=' if low_inclusive else '>'} {low}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pos_int, nonneg_int = _finite(int, 1), _finite(int, 0)
-    pos, nonneg = _finite(float, 0, low_inclusive=False), _finite(float, 0)
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pos_int, nonneg_int = number(int, 1), number(int, 0)
+    pos, nonneg = number(float, 0, low_inclusive=False), number(float, 0)
     g = p.add_argument_group("data and model")
     g.add_argument("--model", "--model_name_or_path", help="local Hugging Face model directory (AutoModelForCausalLM + AutoTokenizer); default: the embedded tiny Llama")
     g.add_argument("--data", "--data_path", help="training data, RRHF JSONL ({query, responses, scores} a line); default: the built-in addition task")
@@ -160,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-penalty", "--length_penalty", type=nonneg, default=1.0, help="score = sum log p / length ** length_penalty")
     g.add_argument("--rank-weight", "--rrhf_weight", type=nonneg, default=1.0, help="weight of the pairwise hinge ranking term")
     g.add_argument("--sft-weight", "--sft_weight", type=nonneg, default=1.0, help="weight of the SFT term on the best candidate")
-    g.add_argument("--margin", type=_finite(float), default=0.0, help="hinge margin: max(0, p_i - p_j + margin) for r_i < r_j")
+    g.add_argument("--margin", type=number(float), default=0.0, help="hinge margin: max(0, p_i - p_j + margin) for r_i < r_j")
     g.add_argument("--sft-reduction", "--sft_reduction", choices=["mean", "sum"], default="mean", help="mean: SFT term per token; sum: the paper's literal sum")
     g.add_argument("--prefix-mode", "--prefix_mode", choices=["auto", "packed", "kv-cache", "none"], help="how the k candidates share their prompt: packed rows with a mask, a kv-cache per group, or none (re-encode, the original code's way); default: packed embedded, auto (rrhf_fast.prefix.resolve_mode) with --model")
     g.add_argument("--loss-backend", "--loss_backend", choices=["auto", "triton", "torch", "reference"], default="auto", help="rrhf_loss backend: auto is triton on CUDA, torch elsewhere")
@@ -570,10 +548,7 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     try:
-        return main(argv)
-    except InputError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return run(main, PROG, argv)
     except NonFiniteLoss as err:
         message, checkpoint = err.args
         kept = f"the last checkpoint, {checkpoint}, is intact" if checkpoint else "no checkpoint was written yet"

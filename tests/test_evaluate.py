@@ -66,11 +66,11 @@ def test_scores_and_accuracy_match_an_independent_forward(model_dir, data_file, 
 
 
 def test_reward_function_and_task_reward(model_dir, data_file, tmp_path, monkeypatch):
-    (tmp_path / "my_reward.py").write_text("def constant(query, response):\n    return 0.25\n")
+    (tmp_path / "evaluate_test_reward.py").write_text("def constant(query, response):\n    return 0.25\n")
     monkeypatch.chdir(tmp_path)
     summary = tmp_path / "eval.json"
     args = ["--model", model_dir, "--data", data_file, "--max-new-tokens", "3", "--json", str(summary)]
-    assert evaluate.cli([*args, "--reward", "my_reward:constant"]) == 0
+    assert evaluate.cli([*args, "--reward", "evaluate_test_reward:constant"]) == 0
     assert json.loads(summary.read_text())["reward"] == 0.25
     assert evaluate.cli([*args, "--reward", "task"]) == 0
     assert 0.0 <= json.loads(summary.read_text())["reward"] <= 1.0
