@@ -136,15 +136,31 @@ def pick_tokens(logits: torch.Tensor, *, temperature: float, top_p: float, gener
 
 
 @torch.no_grad()
+def pick_diverse_tokens(logits: torch.Tensor, done: torch.Tensor, penalty: float) -> torch.Tensor:
+    """[k] next tokens, row by row: the most likely token after subtracting `penalty` for every earlier
+    unfinished row that already chose it at this step (Hamming diversity, as in diverse beam search)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = torch.zeros(logits.shape[-1], device=logits.device)  # [V] earlier rows' picks at this step
+    picks = []
+    for row in range(logits.shape[0]):
+        token = (logp[row] - penalty * chosen).argmax()
+        if not done[row]:
+            chosen[token] += 1
+        picks.append(token)
+    return torch.stack(picks)
+
+
 def sample_candidates(
     model, prompt: list[int], k: int, *, max_new_tokens: int, eos_token_id: int, temperature: float = 1.0,
-    top_p: float = 1.0, generator=None, share_prompt: bool = True,
+    top_p: float = 1.0, generator=None, share_prompt: bool = True, diversity_penalty: float = 0.0,
 ) -> list[list[int]]:
     """k continuations of `prompt` (token ids, EOS left out), decoded together.
 
     share_prompt: prefill the prompt once and repeat its cache to k rows (the default); False prefills the
     k copies, the way `generate(num_return_sequences=k)` does. Both give the same tokens, as the k rows of
     the first step's logits are the same either way and the draws are made from them in one call.
+    diversity_penalty > 0 decodes every row greedily with the Hamming penalty of pick_diverse_tokens instead
+    of sampling: the paper's diverse beam search (4 groups, penalty 1.0) with one beam a group.
     """
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], device=device)
@@ -159,7 +175,10 @@ def sample_candidates(
     tokens = [[] for _ in range(k)]
     done = torch.zeros(k, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        nxt = pick_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
+        if diversity_penalty > 0:
+            nxt = pick_diverse_tokens(logits, done, diversity_penalty)
+        else:
+            nxt = pick_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
         nxt = nxt.masked_fill(done, eos_token_id)  # finished rows keep decoding (one batch) but add nothing
         for row, (token, finished) in enumerate(zip(nxt.tolist(), done.tolist())):
             if not finished and token != eos_token_id:
@@ -241,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=number(float, 0), default=1.0, help="softmax temperature; 0: greedy (all k the same)")
     g.add_argument("--top-p", "--top_p", type=number(float, 0, low_inclusive=False), default=1.0, help="nucleus sampling: draw from the most likely tokens whose probabilities reach this")
     g.add_argument("--max-new-tokens", "--max_new_tokens", type=number(int, 1), default=128, help="tokens a candidate at most (the paper's 128)")
-    g.add_argument("--diverse-beams", action="store_true", help="the paper's diverse beam search (4 beams, 4 groups, penalty 1.0); not available: transformers 5 moved it to the Hub")
+    g.add_argument("--diversity-penalty", "--diversity_penalty", type=number(float, 0), default=0.0, help="> 0: decode each candidate greedily, penalised this much for every earlier candidate that chose the same token at the same step (the paper's diverse beam search used 1.0 over 4 groups; one beam a group here); ignores --temperature / --top-p")
     g.add_argument("--seed", type=number(int, 0), default=0, help="every query samples from a generator seeded with (seed, its position)")
     g.add_argument("--device", default="auto", help="torch device; auto: cuda when available, else cpu")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="policy weights; auto: bfloat16 on CUDA, float32 elsewhere")
@@ -273,11 +292,6 @@ def load_policy(path: str, device: torch.device, dtype: str, trust_remote_code: 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.diverse_beams:
-        raise InputError(
-            "--diverse-beams: group (diverse) beam search left transformers 5 for the Hub repo "
-            "transformers-community/group-beam-search, which this offline tool does not fetch; use --temperature / --top-p"
-        )
     if (args.reward is None) == (args.reward_model is None):
         raise InputError("give exactly one of --reward (task or module:function) and --reward-model PATH")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -303,7 +317,7 @@ def main(argv=None) -> int:
             prompt = tokenizer(query).input_ids or [start_id]
             tokens = sample_candidates(
                 model, prompt, args.num_candidates, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                temperature=args.temperature, top_p=args.top_p, generator=generator,
+                temperature=args.temperature, top_p=args.top_p, generator=generator, diversity_penalty=args.diversity_penalty,
             )
             responses = (existing if args.keep_existing else []) + tokenizer.batch_decode(tokens, skip_special_tokens=True)
             scores = reward([query] * len(responses), responses)

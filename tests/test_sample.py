@@ -147,6 +147,26 @@ def test_shared_prompt_cache_gives_the_same_candidates():
     assert len({tuple(c) for c in draws[True]}) > 1  # really sampled
 
 
+def test_diversity_penalty_spreads_greedy_candidates():
+    """The first candidate is plain greedy; a large penalty forces the k first tokens apart; a tiny one does not."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed=1, hidden_size=32, num_layers=2).eval()
+    prompt, eos = tokenizer("23+48=").input_ids, tokenizer.eos_token_id
+    greedy = sample.sample_candidates(model, prompt, 1, max_new_tokens=6, eos_token_id=eos, temperature=0)
+    apart = sample.sample_candidates(model, prompt, 4, max_new_tokens=6, eos_token_id=eos, diversity_penalty=1e6)
+    assert apart[0] == greedy[0]
+    assert len({c[0] if c else eos for c in apart}) == 4
+    close = sample.sample_candidates(model, prompt, 4, max_new_tokens=6, eos_token_id=eos, diversity_penalty=1e-9)
+    assert close == greedy * 4
+
+
+def test_diverse_picks_by_hand():
+    """Row 0 takes the best token; row 1 pays 1.0 for it, which makes the runner-up (0.5 nats behind) win."""
+    logits = torch.log(torch.tensor([[0.6, 0.364, 0.036]])).expand(2, -1)
+    assert sample.pick_diverse_tokens(logits, torch.tensor([False, False]), 1.0).tolist() == [0, 1]
+    assert sample.pick_diverse_tokens(logits, torch.tensor([True, False]), 1.0).tolist() == [0, 0]  # a done row counts not
+
+
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, -1)
     picked = sample.pick_tokens(logits, temperature=1.0, top_p=0.7, generator=torch.Generator().manual_seed(0))
@@ -183,7 +203,7 @@ def test_bad_queries_file(policy, tmp_path, capsys, content, where, what):
         (["--reward", "no_such_module_xyz:f"], "no_such_module_xyz"),
         ([], "exactly one"),
         (["--reward", "task", "--reward-model", "x"], "exactly one"),
-        (["--reward", "task", "--diverse-beams"], "group-beam-search"),
+        (["--reward", "task", "--diversity-penalty", "-1"], "--diversity-penalty"),
         (["--reward", "task", "-k", "0"], "-k"),
         (["--reward", "task", "--queries", "missing.jsonl"], "no such file"),
         (["--reward", "task", "--model", "missing_dir"], "no such model directory"),
