@@ -39,7 +39,12 @@ _LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier")
 
 
 def _body(model) -> torch.nn.Module:
-    """The decoder stack without the LM head; its last_hidden_state already has the final norm applied."""
+    """The decoder stack without the LM head; its last_hidden_state already has the final norm applied.
+
+    A peft PeftModel's `base_model` is its tuner, whose forward runs the whole causal LM; the transformers model
+    inside (`get_base_model()`) holds the adapter layers in place, so its body runs them."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     body = model.base_model
     if body is model or model.get_output_embeddings() is None:
         raise ValueError(

@@ -215,6 +215,26 @@ def test_model_loss_matches_full_model_logits(arch):
     assert rel_err(model_loss(model, batch, **LOSS_OPTIONS).loss, expected.loss) < RTOL
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_model_runs_its_adapters(arch):
+    """A peft PeftModel: every mode runs the transformers model inside it, adapters included, and gives the
+    gradients of re-encoding to the adapter parameters and to nothing else."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(make_model(arch, "sdpa"), peft.LoraConfig(r=3, target_modules="all-linear"))
+    adapters = [p for name, p in model.named_parameters() if ".lora_" in name]
+    with torch.no_grad():
+        for p in adapters:  # B starts at zero, which would make the adapters invisible
+            p.normal_(std=0.1)
+    batch = pack_batch(*random_groups(seed=17))
+    expected = loss_and_grads(model, batch, "none")
+    assert_same(loss_and_grads(model, batch, "kv-cache"), expected)
+    assert_same(loss_and_grads(model, batch, "packed"), expected)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(expected[2])
+    assert len(expected[2]) == len(adapters) > 0
+    with model.disable_adapter():
+        assert rel_err(prefix_forward(model, batch, "packed"), expected[0]) > 1e-3
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing(use_reentrant):
     """Packed runs under gradient checkpointing with the same gradients; kv-cache refuses (the cache is dropped
