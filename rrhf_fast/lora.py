@@ -132,21 +132,23 @@ def add_lora(model, options: LoraOptions):
     peft = _import_peft()
     if callable(getattr(model, "get_base_model", None)):
         raise InputError(f"{type(model).__name__} already carries peft adapters; add LoRA to the plain model")
-    if options.target_modules != ALL_LINEAR:
+    if options.target_modules == ALL_LINEAR:
+        targets, shown = ALL_LINEAR, ALL_LINEAR
+    else:
         _check_targets(model, options.target_modules)
+        targets, shown = list(options.target_modules), ",".join(options.target_modules)
     config = peft.LoraConfig(
         r=options.r,
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
-        target_modules=options.target_modules if options.target_modules == ALL_LINEAR else list(options.target_modules),
+        target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
     )
     try:
         wrapped = peft.get_peft_model(model, config)
     except ValueError as err:  # e.g. a target module of a type LoRA cannot adapt (a norm, a whole block)
-        targets = options.target_modules if isinstance(options.target_modules, str) else ",".join(options.target_modules)
-        raise InputError(f"LoRA target modules {targets}: {' '.join(str(err).split())}") from None
+        raise InputError(f"LoRA target modules {shown}: {' '.join(str(err).split())}") from None
     # "all-linear" leaves the head out by name; check it on the model, whatever the peft version resolved.
     if not isinstance(wrapped.get_output_embeddings(), torch.nn.Linear):
         raise InputError('LoRA "all-linear" adapted the LM head of this model; name the target modules instead')
