@@ -5,19 +5,25 @@ tokenizer (rrhf_fast.default_model), on the built-in addition task (rrhf_fast.ta
 held-out data it writes as RRHF JSONL under <output-dir>/data/. Give --model (a local Hugging Face model
 directory) and --data (RRHF JSONL) for real use; the paper's hyperparameters are then the defaults.
 
-Every step takes --batch-size queries (times --grad-accum), packs each query's prompt once with its k
-candidates (rrhf_fast.pack_batch), runs the prefix-shared forward and the fused RRHF loss
-(rrhf_fast.prefix.model_loss), and steps AdamW under a warm-up + cosine/linear/constant schedule. Held-out
-ranking accuracy (and the task's greedy reward) is measured before and after.
+Every step takes --batch-size queries (times --grad-accum, times the processes under torchrun), packs each
+query's prompt once with its k candidates (rrhf_fast.pack_batch), runs the prefix-shared forward and the fused
+RRHF loss (rrhf_fast.prefix.model_loss), and steps AdamW under a warm-up + cosine/linear/constant schedule.
+Held-out ranking accuracy (and the task's greedy reward) is measured before and after.
 
 Outputs in --output-dir:
     train_config.json       the resolved config
     metrics.jsonl           one line per logged step and per evaluation
     checkpoint-<step>/      every --save-every steps: model + tokenizer (HF format, safetensors), optimizer.pt,
-                            scheduler.pt, rng.pt, trainer_state.json (step, data position), train_config.json;
+                            scheduler.pt, rng.pt (rng-rank<r>.pt for the other ranks), trainer_state.json (step,
+                            data position, processes), train_config.json;
                             written to a temporary directory and renamed, so a crash never leaves half of one
     final/                  the trained model and tokenizer in Hugging Face format
     curves.png, summary.json
+
+Several processes: `torchrun --nproc_per_node N -m rrhf_fast.train [the same flags]` runs DDP (NCCL on CUDA,
+gloo on CPU), or FSDP2 with --fsdp (CUDA); see rrhf_fast.distributed. Each rank reads its own share of every
+micro-batch, so N processes with --batch-size B take the steps one process takes with --batch-size N x B; rank 0
+alone logs and writes files.
 
 Exit status: 0 done, 2 bad input (one line on stderr: file, line, what is wrong), 3 non-finite loss.
 """
@@ -37,6 +43,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from rrhf_fast import distributed
 from rrhf_fast.cli import InputError, Parser, number, run
 
 PROG = "rrhf_fast.train"
@@ -96,6 +103,9 @@ class TrainConfig:
     resume: bool = False
     overwrite_output_dir: bool = False
     stop_after: int | None = None
+    # several processes (torchrun)
+    fsdp: bool = False
+    ddp_timeout: int = 1800
     # the embedded default (ignored with --model / --data)
     task_train_size: int = 9000
     task_eval_size: int = 200
@@ -103,12 +113,26 @@ class TrainConfig:
     tiny_layers: int = 2
 
 
+TORCHRUN_HELP = """\
+several processes, the same flags (a step takes --batch-size x --grad-accum x processes queries):
+  torchrun --nproc_per_node 8 -m rrhf_fast.train --model M --data D --bf16              # DDP on 8 GPUs
+  torchrun --nproc_per_node 8 -m rrhf_fast.train --model M --data D --bf16 --fsdp       # FSDP2: weights sharded
+  torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --nproc_per_node 8 -m rrhf_fast.train ...
+                                                       # 2 machines; R = 0 and 1, HOST = node 0's address
+  torchrun --nproc_per_node 2 -m rrhf_fast.train --device cpu                           # DDP on CPU (gloo)
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults after each flag's help; the torchrun examples kept as written."""
+
+
 class NonFiniteLoss(Exception):
     """Training diverged: NonFiniteLoss(message, last checkpoint or None), printed as one line, exit status 3."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=TORCHRUN_HELP, formatter_class=HelpFormatter)
     pos_int, nonneg_int = number(int, 1), number(int, 0)
     pos, nonneg = number(float, 0, low_inclusive=False), number(float, 0)
     g = p.add_argument_group("data and model")
@@ -152,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
     g.add_argument("--overwrite-output-dir", "--overwrite_output_dir", action="store_true", help="start afresh even if --output-dir holds checkpoints (they are deleted)")
     g.add_argument("--stop-after", type=pos_int, help="stop after this step as if killed (for testing --resume): no final/, no summary")
+    g = p.add_argument_group("several processes (launched by torchrun; examples below)")
+    g.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the GPUs with FSDP2 (one unit per decoder layer), instead of DDP's full copy on each")
+    g.add_argument("--ddp-timeout", "--ddp_timeout", type=pos_int, default=TrainConfig.ddp_timeout, help="seconds a rank waits for the others in a collective before the job fails (a hung rank ends the job after this)")
     g = p.add_argument_group("the embedded default (ignored with --model / --data)")
     g.add_argument("--task-train-size", type=pos_int, default=9000, help="training queries of the addition task (train + held-out at most 10000)")
     g.add_argument("--task-eval-size", type=pos_int, default=200, help="held-out queries of the addition task")
@@ -204,7 +231,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, source: str | None):
     return model, tokenizer
 
 
-def load_data(cfg: TrainConfig, tokenizer):
+def load_data(cfg: TrainConfig, tokenizer, world: distributed.World):
     """(train examples, eval examples, eval queries or None, reward function or None), tokenised."""
     from rrhf_fast import data, task
 
@@ -214,10 +241,13 @@ def load_data(cfg: TrainConfig, tokenizer):
         data_dir = os.path.join(cfg.output_dir, "data")
         os.makedirs(data_dir, exist_ok=True)
         train_path, eval_path = os.path.join(data_dir, "train.jsonl"), eval_path or os.path.join(data_dir, "eval.jsonl")
-        train_records, eval_records = task.make_records(cfg.task_train_size, cfg.task_eval_size, cfg.seed)
-        task.write_jsonl(train_records, train_path)
+        if world.is_local_main:  # one writer a machine; the other ranks read the files once they are complete
+            train_records, eval_records = task.make_records(cfg.task_train_size, cfg.task_eval_size, cfg.seed)
+            task.write_jsonl(train_records, train_path)
+            if cfg.eval_data is None:
+                task.write_jsonl(eval_records, eval_path)
+        distributed.barrier(world)
         if cfg.eval_data is None:
-            task.write_jsonl(eval_records, eval_path)
             reward_fn = task.reward
     train_examples = data.read_jsonl(train_path)
     eval_examples = data.read_jsonl(eval_path) if eval_path else train_examples
@@ -225,9 +255,9 @@ def load_data(cfg: TrainConfig, tokenizer):
     train_tok, cut = data.tokenize(train_examples, tokenizer, cfg.model_max_length)
     eval_tok, eval_cut = data.tokenize(eval_examples, tokenizer, cfg.model_max_length)
     for path, c in ((train_path, cut), (eval_path or train_path, eval_cut)):
-        if c.prompts or c.responses:
+        if (c.prompts or c.responses) and world.is_main:
             print(f"{PROG}: warning: {path}: {c} to fit --model-max-length {cfg.model_max_length}", file=sys.stderr)
-    if eval_path is None:
+    if eval_path is None and world.is_main:
         print(f"{PROG}: warning: no --eval-data; evaluating on the first {len(eval_tok)} training queries", file=sys.stderr)
     queries = [ex.query for ex in eval_examples] if reward_fn else None
     return train_tok, eval_tok, queries, reward_fn
@@ -268,19 +298,27 @@ def save_json(obj, path: str) -> None:
         f.write("\n")
 
 
-def rng_states() -> dict:
+def rng_states(device) -> dict:
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # this process's GPU alone: asking for every GPU's would start a CUDA context on each
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict, device) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and device.type == "cuda":
+        if isinstance(states["cuda"], (list, tuple)):  # every GPU's, as checkpoints before torchrun support hold
+            torch.cuda.set_rng_state_all(states["cuda"])
+        else:
+            torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def rng_file(rank: int) -> str:
+    """rng.pt: rank 0's RNG states (a single process's); rng-rank<r>.pt: the other ranks' under torchrun."""
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
 
 
 def peak_memory_mb(device) -> float:
@@ -323,25 +361,51 @@ def plot_curves(metrics_path: str, png_path: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def check_resumable(checkpoint: str, world: distributed.World) -> None:
+    """A checkpoint resumes only in a job of the same shape: its data position counts global micro-batches of
+    --batch-size x processes, it holds one RNG state a rank, and under --fsdp its optimizer state is keyed by name."""
+    state = json.load(open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8"))
+    size, fsdp = state.get("world_size", 1), state.get("fsdp", False)
+    if size != world.size:
+        raise InputError(
+            f"{checkpoint} was written by {size} process{'es' if size > 1 else ''} and this run has {world.size}: "
+            f"--resume needs the same number (torchrun --nproc_per_node x --nnodes = {size}); to go on at another size, "
+            f"start a new run from its weights with --model {checkpoint}"
+        )
+    if fsdp != world.fsdp:
+        raise InputError(f"{checkpoint} was written {'with' if fsdp else 'without'} --fsdp: resume {'with' if fsdp else 'without'} it")
+
+
 def main(argv=None) -> int:
     t_start = time.time()
     cfg = resolve_config(argv)
+    world = distributed.init(cfg.device, fsdp=cfg.fsdp, timeout_s=cfg.ddp_timeout)
+    device = world.device
+
+    def say(message):  # progress and warnings: rank 0 speaks for the job
+        if world.is_main:
+            print(message, file=sys.stderr)
+
     out = cfg.output_dir
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
-        print(f"{PROG}: warning: --resume: no complete checkpoint in {out}; starting from scratch", file=sys.stderr)
+        say(f"{PROG}: warning: --resume: no complete checkpoint in {out}; starting from scratch")
+    if resume_from is not None:
+        check_resumable(resume_from, world)
     if not cfg.resume and latest_checkpoint(out) is not None:
         if not cfg.overwrite_output_dir:
             raise InputError(f"{out}: holds checkpoints; pass --resume to continue or --overwrite-output-dir to start afresh")
-        for name in os.listdir(out):
-            if name.startswith(("checkpoint-", ".tmp-")) or name == "final":
-                shutil.rmtree(os.path.join(out, name))
+        if world.is_main:
+            for name in os.listdir(out):
+                if name.startswith(("checkpoint-", ".tmp-")) or name == "final":
+                    shutil.rmtree(os.path.join(out, name))
     if cfg.model is not None and not os.path.isdir(cfg.model):
         raise InputError(f"{cfg.model}: no such model directory")
     for path in (cfg.data, cfg.eval_data):
         if path is not None and not os.path.isfile(path):
             raise InputError(f"{path}: no such file")
     os.makedirs(out, exist_ok=True)
+    distributed.barrier(world)  # rank 0 has cleared the old checkpoints
 
     from transformers.utils import logging as hf_logging
 
@@ -349,7 +413,7 @@ def main(argv=None) -> int:
     from rrhf_fast.data import DataError
     from rrhf_fast.evaluate_model import greedy_answers, mean_reward, pair_accuracy, ranking_accuracy
     from rrhf_fast.loss import resolve_backend
-    from rrhf_fast.prefix import model_loss, resolve_mode
+    from rrhf_fast.prefix import resolve_mode
 
     hf_logging.disable_progress_bar()
     random.seed(cfg.seed)
@@ -357,20 +421,25 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.seed)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
 
     model, tokenizer = load_model_and_tokenizer(cfg, resume_from or cfg.model)
     try:
-        train_data, eval_data, eval_queries, reward_fn = load_data(cfg, tokenizer)
+        train_data, eval_data, eval_queries, reward_fn = load_data(cfg, tokenizer, world)
     except DataError as err:  # "<file>:<line>: <what is wrong>"
         raise InputError(str(err)) from None
     except ValueError as err:  # a tokenizer the data cannot be encoded with (no EOS, ...)
         raise InputError(f"{cfg.model}: {err}") from None
-    model.to(device)
     if cfg.gradient_checkpointing:  # renamed in transformers 5.2x; the old name still works before that
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.config.use_cache = False
     model.train()
+    loss_options = dict(
+        length_penalty=cfg.length_penalty, rank_weight=cfg.rank_weight, sft_weight=cfg.sft_weight, margin=cfg.margin,
+        sft_reduction=cfg.sft_reduction, backend=cfg.loss_backend,
+    )
+    # The model moved to the device (DDP, one process) or sharded over the GPUs (FSDP2), inside the module whose
+    # forward is the loss; `model` stays the Hugging Face model, for evaluation and saving.
+    train_module = distributed.wrap(model, world, mode=cfg.prefix_mode, loss_options=loss_options)
     for flag, check in (("--prefix-mode", lambda: resolve_mode(model, cfg.prefix_mode)),
                         ("--loss-backend", lambda: resolve_backend(cfg.loss_backend, device))):  # fmt: skip
         try:  # the checks model_loss makes on every call, made once before any work
@@ -378,11 +447,28 @@ def main(argv=None) -> int:
         except ValueError as err:
             raise InputError(f"{flag}: {err}") from None
 
-    micro_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    # A micro-batch is --batch-size queries on each rank, global_batch in all. With one process the last micro-batch
+    # of an epoch takes what is left. With several, every rank must have the same number of groups (the averaged
+    # gradient is then the mean over all groups), so an epoch deals whole global micro-batches only.
+    global_batch = cfg.batch_size * world.size
+    if world.size == 1:
+        micro_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    else:
+        micro_per_epoch, left_out = divmod(len(train_data), global_batch)
+        if micro_per_epoch == 0:
+            raise InputError(
+                f"{len(train_data)} training queries do not fill one micro-batch of --batch-size {cfg.batch_size} on each of "
+                f"{world.size} processes ({global_batch} queries): lower --batch-size"
+            )
+        if left_out:
+            say(f"{PROG}: warning: {len(train_data)} training queries are not a multiple of --batch-size x processes "
+                f"({cfg.batch_size} x {world.size}): each epoch leaves out the last {left_out} of its shuffled order, "
+                f"so that every rank gets {cfg.batch_size} queries a micro-batch")  # fmt: skip
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * micro_per_epoch / cfg.grad_accum))
     cfg.max_steps = max_steps
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * max_steps)
-    save_json(asdict(cfg), os.path.join(out, "train_config.json"))
+    if world.is_main:
+        save_json(asdict(cfg), os.path.join(out, "train_config.json"))
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -397,17 +483,12 @@ def main(argv=None) -> int:
         return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[cfg.lr_scheduler]
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    loss_options = dict(
-        length_penalty=cfg.length_penalty, rank_weight=cfg.rank_weight, sft_weight=cfg.sft_weight, margin=cfg.margin,
-        sft_reduction=cfg.sft_reduction, backend=cfg.loss_backend,
-    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
 
     eval_seconds = []  # time spent in evaluate(), left out of the training tokens/s
 
-    def evaluate(step):
-        t0 = time.time()
+    def measure():
         with autocast():
             result = {"rank_acc": ranking_accuracy(
                 model, eval_data, batch_size=cfg.eval_batch_size, mode=cfg.prefix_mode, loss_options=loss_options,
@@ -417,81 +498,106 @@ def main(argv=None) -> int:
                 answers = greedy_answers(model, tokenizer, eval_queries, batch_size=cfg.eval_batch_size, max_new_tokens=8)
                 result["reward"] = mean_reward(reward_fn, eval_queries, answers)
                 result["exact"] = sum(reward_fn(q, a) == 1.0 for q, a in zip(eval_queries, answers)) / len(answers)
-        with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps({"type": "eval", "step": step, **result}) + "\n")
+        return result
+
+    def evaluate(step):  # the result on rank 0 (None on the others under DDP)
+        t0 = time.time()
+        result = distributed.run_on_full_model(train_module, world, measure)
+        if world.is_main:
+            with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"type": "eval", "step": step, **result}) + "\n")
         eval_seconds.append(time.time() - t0)
         return result
 
-    def batch_indices(position):  # micro-batch number `position` counted from the start of training
+    def batch_indices(position):  # this rank's share of micro-batch `position`, counted from the start of training
         epoch, i = divmod(position, micro_per_epoch)
         order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        return order[i * cfg.batch_size : (i + 1) * cfg.batch_size].tolist()
+        first = i * global_batch + world.rank * cfg.batch_size
+        return order[first : first + cfg.batch_size].tolist()
 
     # state: fresh, or from the checkpoint (the model and tokenizer were loaded from it above)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if resume_from is not None:
         state = json.load(open(os.path.join(resume_from, "trainer_state.json"), encoding="utf-8"))
-        optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"), map_location=device))
+        distributed.load_optimizer_state(train_module, optimizer, os.path.join(resume_from, "optimizer.pt"), world)
         scheduler.load_state_dict(torch.load(os.path.join(resume_from, "scheduler.pt")))
-        set_rng_states(torch.load(os.path.join(resume_from, "rng.pt"), weights_only=False))
+        set_rng_states(torch.load(os.path.join(resume_from, rng_file(world.rank)), weights_only=False), device)
         step, position, eval_before, tokens_seen = state["step"], state["data_position"], state["eval_before"], state["tokens"]
-        kept = [line for line in open(metrics_path, encoding="utf-8") if json.loads(line)["step"] <= step] if os.path.exists(metrics_path) else []
-        with open(metrics_path, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        saved = json.load(open(os.path.join(resume_from, "train_config.json"), encoding="utf-8"))
-        changed = [k for k, v in asdict(cfg).items() if k not in ("resume", "stop_after", "overwrite_output_dir") and saved.get(k) != v]
+        if world.is_main:
+            kept = [line for line in open(metrics_path, encoding="utf-8") if json.loads(line)["step"] <= step] if os.path.exists(metrics_path) else []
+            with open(metrics_path, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+        saved, defaults = json.load(open(os.path.join(resume_from, "train_config.json"), encoding="utf-8")), asdict(TrainConfig())
+        ignored = ("resume", "stop_after", "overwrite_output_dir", "ddp_timeout")
+        changed = [k for k, v in asdict(cfg).items() if k not in ignored and saved.get(k, defaults[k]) != v]
         if changed:
-            print(f"{PROG}: warning: --resume with settings other than the checkpoint's: {', '.join(changed)}", file=sys.stderr)
-        print(f"resuming from {resume_from} (step {step} of {max_steps})", file=sys.stderr)
+            say(f"{PROG}: warning: --resume with settings other than the checkpoint's: {', '.join(changed)}")
+        say(f"resuming from {resume_from} (step {step} of {max_steps})")
     else:
         step, position, tokens_seen = 0, 0, 0
-        open(metrics_path, "w").close()
+        if world.is_main:
+            open(metrics_path, "w").close()
         eval_before = evaluate(0)
-        print(f"before training: {json.dumps(eval_before)}", file=sys.stderr)
+        say(f"before training: {json.dumps(eval_before)}")
 
     def save_checkpoint(step):
+        # Under --fsdp the weights and the optimizer state are gathered onto rank 0: every rank takes part.
+        weights = distributed.full_model_state(model, world)
+        optimizer_state = distributed.optimizer_state(train_module, optimizer, world)
+        rngs = distributed.gather_objects(rng_states(device), world)
+        if not world.is_main:
+            return
+
         def write(tmp):
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
             tokenizer.save_pretrained(tmp)
-            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
             torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-            torch.save(rng_states(), os.path.join(tmp, "rng.pt"))
+            for rank, states in enumerate(rngs):
+                torch.save(states, os.path.join(tmp, rng_file(rank)))
             save_json(asdict(cfg), os.path.join(tmp, "train_config.json"))
-            state = {"step": step, "data_position": position, "epoch": position / micro_per_epoch, "tokens": tokens_seen, "eval_before": eval_before}
+            state = {
+                "step": step, "data_position": position, "epoch": position / micro_per_epoch, "tokens": tokens_seen,
+                "eval_before": eval_before, "world_size": world.size, "fsdp": world.fsdp,
+            }
             save_json(state, os.path.join(tmp, "trainer_state.json"))  # written last: marks the checkpoint complete
 
         atomic_dir(os.path.join(out, f"checkpoint-{step}"), write)
 
     from tqdm import tqdm
 
-    bar = tqdm(total=max_steps, initial=step, desc="rrhf", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=max_steps, initial=step, desc="rrhf", dynamic_ncols=True, disable=None if world.is_main else True)
     t_train, train_tokens_this_run = time.time(), 0
     t_log, tokens_log = time.time(), 0
     while step < max_steps:
-        # one optimizer step: grad_accum micro-batches of batch_size queries, each query's prompt shared by its candidates
+        distributed.inject_test_fault(world, step + 1)
+        # one optimizer step: grad_accum micro-batches of batch_size queries on each rank, each query's prompt shared
+        # by its candidates
         totals = {"loss": 0.0, "rank_loss": 0.0, "sft_loss": 0.0}
         correct = pairs = step_tokens = 0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             chunk = [train_data[i] for i in batch_indices(position)]
             position += 1
             batch = pack_batch(
                 [ex.prompt for ex in chunk], [ex.candidates for ex in chunk], [ex.rewards for ex in chunk],
                 max_tokens=cfg.row_tokens, pad_token_id=pad_id,
             ).to(device)
-            with autocast():
-                output = model_loss(model, batch, mode=cfg.prefix_mode, **loss_options)
-            if not torch.isfinite(output.loss):
-                raise NonFiniteLoss(f"non-finite loss ({output.loss.item()}) at step {step + 1}", latest_checkpoint(out))
-            (output.loss / cfg.grad_accum).backward()
+            with distributed.gradient_sync(train_module, world, sync=micro == cfg.grad_accum - 1):
+                with autocast():
+                    output = train_module(batch)
+                if not torch.isfinite(output.loss):
+                    raise NonFiniteLoss(f"non-finite loss ({output.loss.item()}) at step {step + 1}", latest_checkpoint(out))
+                (output.loss / cfg.grad_accum).backward()
             for key in totals:
                 totals[key] += getattr(output, key).item() / cfg.grad_accum
             c, p = pair_accuracy(output.scores.detach().float().cpu(), batch.rewards.cpu(), batch.cu_groups.cpu())
             correct, pairs = correct + c, pairs + p
             step_tokens += int((batch.group_ids >= 0).sum())
-        if cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-        else:
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
+        # the logged numbers of the whole step: each rank's loss is the mean over its groups, and they all have as many
+        summed = distributed.sum_over_ranks([*totals.values(), correct, pairs, step_tokens], world)
+        totals = {key: value / world.size for key, value in zip(totals, summed)}
+        correct, pairs, step_tokens = (int(v) for v in summed[len(totals) :])
+        grad_norm = distributed.clip_grad_norm(model.parameters(), cfg.max_grad_norm, world)
         if not math.isfinite(grad_norm):
             raise NonFiniteLoss(f"non-finite gradient norm ({grad_norm}) at step {step + 1}", latest_checkpoint(out))
         lr = scheduler.get_last_lr()[0]
@@ -504,7 +610,7 @@ def main(argv=None) -> int:
         tokens_log += step_tokens
 
         rank_acc = correct / pairs if pairs else float("nan")
-        if step % cfg.log_every == 0 or step == max_steps:
+        if (step % cfg.log_every == 0 or step == max_steps) and world.is_main:
             tps = tokens_log / max(time.time() - t_log, 1e-9)
             row = dict(type="train", step=step, **totals, rank_acc=rank_acc, lr=lr, grad_norm=grad_norm, tokens_per_s=tps,
                        peak_mem_mb=peak_memory_mb(device), epoch=position / micro_per_epoch)
@@ -515,22 +621,27 @@ def main(argv=None) -> int:
                 print(f"step {step}/{max_steps} loss {totals['loss']:.4f} rank_acc {rank_acc:.3f} tokens/s {tps:.0f}", file=sys.stderr)
             t_log, tokens_log = time.time(), 0
         if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
-            bar.write(f"step {step}: {json.dumps(evaluate(step))}")
+            result = evaluate(step)
+            if world.is_main:
+                bar.write(f"step {step}: {json.dumps(result)}")
         if cfg.save_every and (step % cfg.save_every == 0 or step == max_steps):
             save_checkpoint(step)
         bar.update(1)
         if cfg.stop_after is not None and step >= cfg.stop_after and step < max_steps:
             bar.close()
-            print(f"stopped after step {step} (--stop-after)", file=sys.stderr)
+            say(f"stopped after step {step} (--stop-after)")
             return 0
     bar.close()
     train_wall = time.time() - t_train - sum(eval_seconds[0 if resume_from else 1 :])  # eval_before came before t_train
 
     eval_after = evaluate(step)
-    print(f"after training:  {json.dumps(eval_after)}", file=sys.stderr)
+    say(f"after training:  {json.dumps(eval_after)}")
+    weights = distributed.full_model_state(model, world)
+    if not world.is_main:
+        return 0
 
     def write_final(tmp):
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         save_json(asdict(cfg), os.path.join(tmp, "train_config.json"))
 
@@ -540,20 +651,27 @@ def main(argv=None) -> int:
         "eval_before": eval_before, "eval_after": eval_after, "steps": step, "wall_s": time.time() - t_start,
         "train_wall_s": train_wall, "tokens_per_s": train_tokens_this_run / max(train_wall, 1e-9), "tokens": tokens_seen,
         "peak_mem_mb": peak_memory_mb(device), "device": str(device), "resumed_from": resume_from,
+        "processes": world.size,
     }
     save_json(summary, os.path.join(out, "summary.json"))
-    print(f"wrote {out}/final, summary.json, metrics.jsonl, curves.png in {summary['wall_s']:.1f} s", file=sys.stderr)
+    say(f"wrote {out}/final, summary.json, metrics.jsonl, curves.png in {summary['wall_s']:.1f} s")
     return 0
 
 
 def cli(argv=None) -> int:
-    try:
-        return run(main, PROG, argv)
-    except NonFiniteLoss as err:
-        message, checkpoint = err.args
-        kept = f"the last checkpoint, {checkpoint}, is intact" if checkpoint else "no checkpoint was written yet"
-        print(f"{PROG}: error: {message}; training stopped ({kept}; lower --learning-rate?)", file=sys.stderr)
-        return 3
+    rank = os.environ.get("RANK", "0")  # under torchrun every rank reports its own errors; say which one speaks
+    prog = PROG if rank == "0" else f"{PROG} (rank {rank})"
+
+    def attempt():
+        try:
+            return run(main, prog, argv)
+        except NonFiniteLoss as err:
+            message, checkpoint = err.args
+            kept = f"the last checkpoint, {checkpoint}, is intact" if checkpoint else "no checkpoint was written yet"
+            print(f"{prog}: error: {message}; training stopped ({kept}; lower --learning-rate?)", file=sys.stderr)
+            return 3
+
+    return distributed.exit_status(attempt)
 
 
 if __name__ == "__main__":
