@@ -43,12 +43,15 @@ def relative_difference(a: dict, b: dict) -> float:
 
 
 def assert_same_training(rows, expected, rel):
-    """The logged steps of two runs agree: losses and gradient norms to `rel`, the rest exactly."""
+    """The logged steps of two runs agree: every number to `rel`, the rest exactly. rank_loss and sft_loss are
+    parts of the loss, held to `rel` of the whole loss: the hinge is a difference of nearly equal scores, whose
+    own relative rounding can be far larger."""
     assert [(r["type"], r["step"]) for r in rows] == [(r["type"], r["step"]) for r in expected]
     for row, want in zip(rows, expected):
         for key, value in want.items():
             if isinstance(value, float):
-                assert row[key] == pytest.approx(value, rel=rel), (row["step"], key)
+                part_of_loss = rel * want["loss"] if key in ("rank_loss", "sft_loss") else 0
+                assert row[key] == pytest.approx(value, rel=rel, abs=part_of_loss), (row["step"], key)
             else:
                 assert row[key] == value, (row["step"], key)
 
