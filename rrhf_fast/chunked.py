@@ -22,14 +22,26 @@ import torch
 # enough to keep the peak far below the naive path's several [N, V] tensors, large enough that each chunk's
 # matmuls run near full speed.
 CHUNK_ELEMENTS = 1 << 24
+# On a GPU each chunk also costs one read and write of the fp32 [V, D] dW accumulator (2 GB at V = 128256,
+# D = 4096), and short chunks leave the matmuls' row dimension too small to fill the chip: fewer, larger
+# chunks: 2^28 bf16 logits = 512 MiB, 2093 rows at V = 128256. On an H100 at N = 8192, D = 4096 the one-sweep
+# head took 2.6x / 1.4x / 1.19x the 6NVD floor with 2^25 / 2^27 / 2^28 (benchmarks/tune_head.py, NOTES.md).
+CUDA_CHUNK_ELEMENTS = 1 << 28
+
+# bf16 / fp16 products accumulated straight into an fp32 tensor by one cuBLAS call (torch >= 2.8, CUDA only)
+_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
+def _chunk_elements(device: torch.device) -> int:
+    return CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _row_chunks(num_rows: int, vocab: int):
-    rows = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def _row_chunks(num_rows: int, vocab: int, device: torch.device):
+    rows = max(1, _chunk_elements(device) // max(vocab, 1))
     for start in range(0, num_rows, rows):
         yield start, min(start + rows, num_rows)
 
@@ -57,37 +69,55 @@ def _multiply_out(dz, h, weight, dh_out, dw_acc):
     dz = dz.to(h.dtype)  # low-precision inputs multiply in their own dtype, as on tensor cores
     if dw_acc is not None and dw_acc.dtype == dz.dtype:
         dw_acc.addmm_(dz.T, h)  # in place: no [V, D] temporary per chunk
+    elif dw_acc is not None and dw_acc.is_cuda and _ADDMM_OUT_DTYPE:
+        # fp32 accumulation inside cuBLAS: no low-precision [V, D] product and fp32 copy of it per chunk
+        torch.addmm(dw_acc, dz.T, h, out_dtype=dw_acc.dtype, out=dw_acc)
     elif dw_acc is not None:
         dw_acc += (dz.T @ h).to(dw_acc.dtype)
     if dh_out is not None:
         torch.mm(dz, weight, out=dh_out)
 
 
-def linear_logprob_fwd(hidden, weight, bias, targets):
-    """[N, D] hidden, [V, D] weight, [V] bias or None, [N] targets -> ([N] logp, [N] lse) in fp32 (fp64 for fp64)."""
+def linear_logprob_fwd(hidden, weight, bias, targets, elementwise=None):
+    """[N, D] hidden, [V, D] weight, [V] bias or None, [N] targets -> ([N] logp, [N] lse) in fp32 (fp64 for fp64).
+
+    `elementwise` (rrhf_fast.kernels) replaces the torch log-softmax of each chunk with its logprob_fwd kernel,
+    which reads the buffer in the matmul's dtype: the Triton backend's two-pass head.
+    """
     dtype = _compute_dtype(hidden)
     logp = hidden.new_empty(hidden.shape[0], dtype=dtype)
     lse = torch.empty_like(logp)
-    for start, end in _row_chunks(hidden.shape[0], weight.shape[0]):
-        logits = _chunk_logits(hidden[start:end], weight, bias, dtype)  # [rows, V]
-        logp[start:end], lse[start:end] = _logp_lse(logits, targets[start:end])
+    for start, end in _row_chunks(hidden.shape[0], weight.shape[0], hidden.device):
+        if elementwise is None:
+            logits = _chunk_logits(hidden[start:end], weight, bias, dtype)  # [rows, V]
+            logp[start:end], lse[start:end] = _logp_lse(logits, targets[start:end])
+        else:
+            logits = _chunk_logits(hidden[start:end], weight, bias, hidden.dtype)
+            logp[start:end], lse[start:end] = elementwise.logprob_fwd(logits, targets[start:end])
     return logp, lse
 
 
-def linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, compute_dh=True, compute_dw=True):
-    """Gradients of sum_n grad_logp[n] * logp[n] -> (dh [N, D] or None, dw [V, D] or None, db [V] or None)."""
+def linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, compute_dh=True, compute_dw=True, elementwise=None):
+    """Gradients of sum_n grad_logp[n] * logp[n] -> (dh [N, D] or None, dw [V, D] or None, db [V] or None).
+
+    `elementwise` as in linear_logprob_fwd: its logprob_bwd kernel writes dz over the chunk's logits.
+    """
     dtype = lse.dtype
     grad_logp = grad_logp.to(dtype)
     dh = torch.empty_like(hidden) if compute_dh else None
     dw = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if compute_dw else None
     db = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if bias is not None else None
-    for start, end in _row_chunks(hidden.shape[0], weight.shape[0]):
-        h = hidden[start:end]
-        logits = _chunk_logits(h, weight, bias, dtype)  # [rows, V]
-        dz = _softmax_grad_(logits, targets[start:end], lse[start:end], grad_logp[start:end])
+    for start, end in _row_chunks(hidden.shape[0], weight.shape[0], hidden.device):
+        h, rows = hidden[start:end], slice(start, end)
+        if elementwise is None:
+            logits = _chunk_logits(h, weight, bias, dtype)  # [rows, V]
+            dz = _softmax_grad_(logits, targets[rows], lse[rows], grad_logp[rows])
+        else:
+            logits = _chunk_logits(h, weight, bias, hidden.dtype)
+            dz = elementwise.logprob_bwd(logits, targets[rows], lse[rows], grad_logp[rows], inplace=True)
         if db is not None:
-            db += dz.sum(0)
-        _multiply_out(dz, h, weight, dh[start:end] if compute_dh else None, dw)
+            db += dz.sum(0, dtype=dtype)
+        _multiply_out(dz, h, weight, dh[rows] if compute_dh else None, dw)
     return (
         dh,
         None if dw is None else dw.to(weight.dtype),
@@ -100,7 +130,7 @@ def logprob_fwd(logits, targets):
     dtype = _compute_dtype(logits)
     logp = logits.new_empty(logits.shape[0], dtype=dtype)
     lse = torch.empty_like(logp)
-    for start, end in _row_chunks(*logits.shape):
+    for start, end in _row_chunks(*logits.shape, logits.device):
         logp[start:end], lse[start:end] = _logp_lse(logits[start:end].to(dtype), targets[start:end])
     return logp, lse
 
@@ -111,7 +141,7 @@ def logprob_bwd(logits, targets, lse, grad_logp, inplace=False):
         return _softmax_grad_(logits, targets, lse, grad_logp.to(lse.dtype))
     out = logits if inplace else torch.empty_like(logits)
     grad_logp = grad_logp.to(lse.dtype)
-    for start, end in _row_chunks(*logits.shape):
+    for start, end in _row_chunks(*logits.shape, logits.device):
         chunk = logits[start:end].to(lse.dtype, copy=True)
         out[start:end] = _softmax_grad_(chunk, targets[start:end], lse[start:end], grad_logp[start:end])
     return out
@@ -238,7 +268,7 @@ def linear_rrhf_fwd(hidden, weight, bias, targets, cu_seqlens, rewards, cu_group
     step = step or (lambda *args: _logprob_step_from_kernels(impl, *args))
     per_token, per_candidate, per_group = [], [], []
 
-    max_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    max_rows = max(1, _chunk_elements(hidden.device) // weight.shape[0])
     for g0, g1, t0, t1 in _group_chunks(seq_offsets, group_offsets, max_rows):
         c0, c1 = group_offsets[g0], group_offsets[g1]
         local_seqlens = cu_seqlens[c0 : c1 + 1] - t0

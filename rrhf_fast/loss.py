@@ -1,19 +1,25 @@
 """The public RRHF loss: argument checks, backend dispatch and the autograd.Functions.
 
-Every backend computes the loss in two differentiable steps:
+rrhf_loss, the training path, is one differentiable step:
 
-    logp   = LinearLogprobFunction(hidden, weight, bias, targets)    # [N], no [N, V] tensor kept
+    output = LinearRRHFFunction(hidden, weight, bias, ...)   # loss, rank_loss, sft_loss, scores; one sweep (6NVD)
+
+The other entry points take two:
+
+    logp   = LinearLogprobFunction(hidden, weight, bias, targets)    # [N], no [N, V] tensor kept (8NVD with backward)
              (or LogprobFunction(logits, targets) when logits are given)
     output = RankFunction(logp, cu_seqlens, rewards, cu_groups)      # loss, rank_loss, sft_loss, scores
 
-The first step is the expensive one (matmuls over the vocabulary); the second is O(N + sum_g k_g^2). Each
-Function calls six plain functions with the same names and signatures in `rrhf_fast.kernels` (Triton) and
-`rrhf_fast.chunked` (pure PyTorch); backend="reference" calls `rrhf_fast.reference` instead.
+The matmuls over the vocabulary run as ATen / cuBLAS calls over chunks of rows (rrhf_fast.chunked); between
+them, the elementwise and ranking work comes from functions with the same names and signatures in
+`rrhf_fast.kernels` (Triton, backend="triton") or `rrhf_fast.chunked` (PyTorch, backend="torch").
+backend="reference" calls `rrhf_fast.reference` instead.
 """
 
 import math
 import os
-from types import ModuleType
+from functools import partial
+from types import ModuleType, SimpleNamespace
 
 import torch
 
@@ -142,18 +148,38 @@ def _impl(backend: str) -> ModuleType:
     return _kernels() if backend == "triton" else chunked
 
 
+def _two_pass_head(impl):
+    """What computes the two-pass head (linear_logprob_fwd / _bwd) for an implementation.
+
+    The Triton backend runs the same chunked loop as the torch one, cuBLAS matmuls over chunks of rows, with the
+    Triton elementwise kernels in between: on an H100 (bf16, N = 8192, D = 4096, V = 128256) the tiled tl.dot
+    kernels of rrhf_fast.kernels.linear_logprob took 16x the 6NVD matmul floor, this loop under 2x
+    (benchmarks/NOTES.md). The tiled kernels stay available for callers that pass `kernels` itself.
+    """
+    if impl is chunked:
+        return chunked
+    return SimpleNamespace(
+        linear_logprob_fwd=partial(chunked.linear_logprob_fwd, elementwise=impl),
+        linear_logprob_bwd=partial(chunked.linear_logprob_bwd, elementwise=impl),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The autograd.Functions.
 
 
 class LinearLogprobFunction(torch.autograd.Function):
-    """logp[n] = log softmax(hidden[n] @ weight.T + bias)[targets[n]], keeping only logsumexp for backward."""
+    """logp[n] = log softmax(hidden[n] @ weight.T + bias)[targets[n]], keeping only logsumexp for backward.
+
+    `head` is anything with linear_logprob_fwd / _bwd: _two_pass_head(impl), or rrhf_fast.kernels for the tiled
+    kernels.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, impl):
-        logp, lse = impl.linear_logprob_fwd(hidden, weight, bias, targets)
+    def forward(ctx, hidden, weight, bias, targets, head):
+        logp, lse = head.linear_logprob_fwd(hidden, weight, bias, targets)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.impl = impl
+        ctx.impl = head
         return logp
 
     @staticmethod
@@ -279,7 +305,7 @@ class LinearRRHFFunction(torch.autograd.Function):
                 rank_grad=zero if grad_rank_loss is None else grad_rank_loss,
                 sft_grad=zero if grad_sft_loss is None else grad_sft_loss,
             )
-            extra = ctx.impl.linear_logprob_bwd(
+            extra = _two_pass_head(ctx.impl).linear_logprob_bwd(
                 hidden,
                 weight,
                 bias,
@@ -311,7 +337,7 @@ def _head_like(hidden, weight, bias):
 
 def _linear_logprob(hidden, weight, bias, targets, impl):
     weight, bias = _head_like(hidden, weight, bias)
-    return LinearLogprobFunction.apply(hidden.contiguous(), weight, bias, targets.contiguous(), impl)
+    return LinearLogprobFunction.apply(hidden.contiguous(), weight, bias, targets.contiguous(), _two_pass_head(impl))
 
 
 def rrhf_loss(
