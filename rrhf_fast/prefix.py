@@ -113,10 +113,12 @@ def _sliding_windows(config) -> tuple[int | None, bool]:
 def resolve_mode(model, mode: str = "auto") -> str:
     """The mode prefix_forward will run, or a ValueError naming the mode to use instead.
 
-    "auto" picks "packed" under FlexAttention on CUDA (its BlockMask skips the masked blocks) and under gradient
-    checkpointing (which "kv-cache" cannot run under), else "kv-cache": a dense [T, T] mask makes SDPA and eager
-    compute every masked pair of a packed row, while the cache attends over k R (P + R) pairs per group, the least
-    of the three; on a 2-core CPU it measured at least as fast as "packed" (benchmarks/bench_prefix.py).
+    "auto" picks "packed" on CUDA and under gradient checkpointing (which "kv-cache" cannot run under), else
+    "kv-cache". On a CPU a dense [T, T] mask makes SDPA and eager compute every masked pair of a packed row, while
+    the cache attends over k R (P + R) pairs per group, the least of the three; on a 2-core CPU it measured at
+    least as fast as "packed" (benchmarks/bench_prefix.py). On an H100 the cache's expand-and-concatenate and its
+    small per-group batches cost more than the masked pairs: a whole bf16 step of a 1B Llama at P=512, R=128,
+    k=4 took 78 ms packed and 161 ms with the cache (benchmarks/results/2026-11-24-step-nvidia-h100-80gb-hbm3.md).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -128,7 +130,7 @@ def resolve_mode(model, mode: str = "auto") -> str:
     if mode == "auto":
         if checkpointing:
             return "packed" if packed_ok else "none"
-        return "packed" if packed_ok and impl == "flex_attention" else "kv-cache"
+        return "packed" if packed_ok and model.device.type == "cuda" else "kv-cache"
     if mode == "packed" and not packed_ok:
         instead = 'mode="none"' if checkpointing else 'mode="kv-cache"'
         if positions_problem is not None:

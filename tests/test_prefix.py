@@ -301,7 +301,19 @@ def test_a_scale_of_one_is_a_plain_head():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention BlockMask needs CUDA")
 def test_flex_attention_block_mask_on_cuda():
-    model = make_model("llama", "flex_attention", dtype=torch.float32).cuda()
-    batch = pack_batch(*random_groups(seed=13, ks=(2, 4)))
+    # FlexAttention's compiled kernels need a head dimension of at least 16: 2 heads of 16, not SMALL's 4 of 8
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**SMALL, "num_attention_heads": 2}, intermediate_size=48, num_key_value_heads=1)
+    model = LlamaForCausalLM(config)
+    model.set_attn_implementation("flex_attention")
+    model = model.float().eval().cuda()
+    batch = pack_batch(*random_groups(seed=13, ks=(2, 4))).to("cuda")
     expected = loss_and_grads(model, batch, "none")
     assert_same(loss_and_grads(model, batch, "packed"), expected, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_packs_on_cuda():
+    """On a GPU the masked packed rows beat the per-group cache (resolve_mode's docstring has the figures)."""
+    assert resolve_mode(make_model("llama", "sdpa", dtype=torch.float32).cuda(), "auto") == "packed"
