@@ -18,6 +18,8 @@ Outputs in --output-dir:
                             data position, processes), train_config.json;
                             written to a temporary directory and renamed, so a crash never leaves half of one
     final/                  the trained model and tokenizer in Hugging Face format
+    With --lora-r, checkpoints and final/ hold the adapter (adapter_config.json + adapter_model.safetensors,
+    for peft.PeftModel.from_pretrained on the --model base), and --merge-lora makes final/ the merged model.
     curves.png, summary.json
 
 Several processes: `torchrun --nproc_per_node N -m rrhf_fast.train [the same flags]` runs DDP (NCCL on CUDA,
@@ -103,6 +105,12 @@ class TrainConfig:
     resume: bool = False
     overwrite_output_dir: bool = False
     stop_after: int | None = None
+    # LoRA adapters through peft (None: full fine-tuning)
+    lora_r: int | None = None
+    lora_alpha: float | None = None  # None: 2 * lora_r
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "all-linear"
+    merge_lora: bool = False
     # several processes (torchrun)
     fsdp: bool = False
     ddp_timeout: int = 1800
@@ -176,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
     g.add_argument("--overwrite-output-dir", "--overwrite_output_dir", action="store_true", help="start afresh even if --output-dir holds checkpoints (they are deleted)")
     g.add_argument("--stop-after", type=pos_int, help="stop after this step as if killed (for testing --resume): no final/, no summary")
+    g = p.add_argument_group("LoRA adapters (peft): train low-rank adapters instead of every weight")
+    g.add_argument("--lora-r", "--lora_r", type=pos_int, help="adapter rank; setting it turns LoRA on (default: off, full fine-tuning). LoRA usually wants a larger --learning-rate, 1e-4 to 2e-4")
+    g.add_argument("--lora-alpha", "--lora_alpha", type=pos, help="adapter output scaled by alpha / r (default: 2 x --lora-r)")
+    g.add_argument("--lora-dropout", "--lora_dropout", type=nonneg, default=TrainConfig.lora_dropout, help="dropout on the adapters' input, in [0, 1)")
+    g.add_argument("--lora-target-modules", "--lora_target_modules", default=TrainConfig.lora_target_modules, help="all-linear (every linear layer but the LM head: q,k,v,o,gate,up,down_proj on Llama) or comma-separated module names")
+    g.add_argument("--merge-lora", "--merge_lora", action="store_true", help="final/ holds the model with the adapters merged in (loads in plain transformers) instead of the adapter alone")
     g = p.add_argument_group("several processes (launched by torchrun; examples below)")
     g.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the GPUs with FSDP2 (one unit per decoder layer), instead of DDP's full copy on each")
     g.add_argument("--ddp-timeout", "--ddp_timeout", type=pos_int, default=TrainConfig.ddp_timeout, help="seconds a rank waits for the others in a collective before the job fails (a hung rank ends the job after this)")
@@ -199,9 +213,24 @@ def resolve_config(argv) -> TrainConfig:
         cfg.max_steps = 300
     if cfg.data is None and cfg.task_train_size + cfg.task_eval_size > 10_000:
         raise InputError(f"--task-train-size + --task-eval-size must be at most 10000 (distinct queries), got {cfg.task_train_size + cfg.task_eval_size}")
+    if cfg.lora_r is None:
+        for flag, given in (("--lora-alpha", cfg.lora_alpha is not None), ("--merge-lora", cfg.merge_lora)):
+            if given:
+                raise InputError(f"{flag} needs --lora-r: LoRA is off without an adapter rank")
+    else:
+        lora_options(cfg)  # checks the values: bad ones are InputErrors before anything loads
+        if cfg.fsdp:
+            raise InputError("--lora-r with --fsdp is not supported: train the adapters with DDP (leave out --fsdp); "
+                             "the frozen base is the same on every GPU")
     if cfg.model is None and cfg.tiny_hidden_size % 8:
         raise InputError(f"--tiny-hidden-size must be a multiple of 8 (4 heads of even size), got {cfg.tiny_hidden_size}")
     return cfg
+
+
+def lora_options(cfg: TrainConfig):
+    from rrhf_fast.lora import LoraOptions
+
+    return LoraOptions(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -422,7 +451,8 @@ def main(argv=None) -> int:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
 
-    model, tokenizer = load_model_and_tokenizer(cfg, resume_from or cfg.model)
+    # A LoRA checkpoint holds the adapter only: the base model always comes from --model (or the embedded build).
+    model, tokenizer = load_model_and_tokenizer(cfg, cfg.model if cfg.lora_r else resume_from or cfg.model)
     try:
         train_data, eval_data, eval_queries, reward_fn = load_data(cfg, tokenizer, world)
     except DataError as err:  # "<file>:<line>: <what is wrong>"
@@ -431,6 +461,13 @@ def main(argv=None) -> int:
         raise InputError(f"{cfg.model}: {err}") from None
     if cfg.gradient_checkpointing:  # renamed in transformers 5.2x; the old name still works before that
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    if cfg.lora_r:  # after checkpointing: peft then makes the embeddings' output require grad, as it needs
+        from rrhf_fast import lora
+
+        model = lora.add_lora(model, lora_options(cfg))
+        if resume_from is not None:
+            lora.load_adapter_weights(model, resume_from)
+        say(lora.parameter_summary(model))
     model.config.use_cache = False
     model.train()
     loss_options = dict(
@@ -540,6 +577,19 @@ def main(argv=None) -> int:
         eval_before = evaluate(0)
         say(f"before training: {json.dumps(eval_before)}")
 
+    def save_model(tmp, weights, merge=False):  # the weights, or under LoRA the adapter (or the merged model)
+        if cfg.lora_r and merge:
+            from rrhf_fast.lora import merged_model
+
+            merged_model(model).save_pretrained(tmp)
+        elif cfg.lora_r:
+            from rrhf_fast.lora import save_adapter
+
+            save_adapter(model, tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+
     def save_checkpoint(step):
         # Under --fsdp the weights and the optimizer state are gathered onto rank 0: every rank takes part.
         weights = distributed.full_model_state(model, world)
@@ -549,8 +599,7 @@ def main(argv=None) -> int:
             return
 
         def write(tmp):
-            model.save_pretrained(tmp, state_dict=weights)
-            tokenizer.save_pretrained(tmp)
+            save_model(tmp, weights)
             torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
             torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
             for rank, states in enumerate(rngs):
@@ -641,8 +690,7 @@ def main(argv=None) -> int:
         return 0
 
     def write_final(tmp):
-        model.save_pretrained(tmp, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
+        save_model(tmp, weights, merge=cfg.merge_lora)
         save_json(asdict(cfg), os.path.join(tmp, "train_config.json"))
 
     atomic_dir(os.path.join(out, "final"), write_final)

@@ -92,6 +92,20 @@ def test_two_processes_equal_one_process_with_the_global_batch(two_processes, tm
     AutoModelForCausalLM.from_pretrained(os.path.join(out, "final"))
 
 
+def test_lora_under_ddp_equals_one_process(tmp_path):
+    """--lora-r under torchrun: DDP averages the adapters' gradients (the only ones there are), so two processes
+    train the adapter one process trains with the global batch. Dropout off: each rank draws its own masks."""
+    from safetensors.torch import load_file
+
+    lora = ["--lora-r", "2", "--lora-dropout", "0", "--learning-rate", "1e-2", "--save-every", "0", "--eval-every", "0"]
+    torchrun([*PER_RANK, *lora, "--output-dir", "two"], tmp_path)
+    assert train.cli([*ONE_PROCESS, *lora, "--output-dir", str(tmp_path / "one")]) == 0
+    assert_same_training(metrics(tmp_path / "two"), metrics(tmp_path / "one"), rel=1e-6)
+    two, one = (load_file(tmp_path / d / "final" / "adapter_model.safetensors") for d in ("two", "one"))
+    assert relative_difference(two, one) < 1e-6
+    assert any(t.abs().max() > 0 for name, t in one.items() if "lora_B" in name)  # the adapter did train
+
+
 def test_resume_under_two_processes_equals_the_uninterrupted_run(two_processes, tmp_path):
     out, _ = two_processes
     torchrun([*PER_RANK, "--output-dir", "out", "--stop-after", "3"], tmp_path)

@@ -232,6 +232,11 @@ def test_bad_data_file(tmp_path, capsys, line, message, which):
         (["--prefix-mode", "sideways"], "invalid choice"),
         (["--frobnicate"], "unrecognized arguments"),
         (["--tiny-hidden-size", "30"], "multiple of 8"),
+        (["--lora-alpha", "8"], "--lora-alpha needs --lora-r"),
+        (["--merge-lora"], "--merge-lora needs --lora-r"),
+        (["--lora-r", "4", "--lora-dropout", "1"], "--lora-dropout) must be in [0, 1)"),
+        (["--lora-r", "4", "--lora-target-modules", " , "], "name no module"),
+        (["--lora-r", "4", "--fsdp"], "--lora-r with --fsdp is not supported"),
         (["--task-train-size", "9900"], "at most 10000"),
     ],
 )
@@ -246,6 +251,8 @@ def test_bad_paths_and_flags(tmp_path, capsys, argv, message):
     [
         (["--prefix-mode", "kv-cache", "--gradient-checkpointing"], "--prefix-mode: mode=\"kv-cache\" cannot run under gradient checkpointing"),
         (["--loss-backend", "triton", "--device", "cpu"], "--loss-backend: backend='triton' needs"),
+        (["--lora-r", "2", "--lora-target-modules", "q_proj,wq"], "wq"),
+        (["--lora-r", "2", "--lora-target-modules", "lm_head"], "LM head"),
     ],
 )
 def test_flag_combinations_the_model_cannot_run(tmp_path, capsys, monkeypatch, argv, message):
@@ -265,6 +272,37 @@ def test_other_options_run(tmp_path):
         out = tmp_path / f"o{i}"
         assert train.cli([*TINY, "--max-steps", "2", "--save-every", "0", "--output-dir", str(out), *extra]) == 0, extra
         assert (out / "final" / "model.safetensors").is_file()
+
+
+LORA = [*TINY, "--lora-r", "4", "--learning-rate", "1e-2", "--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--device", "cpu"]
+
+
+def test_lora_checkpoints_hold_the_adapter_resume_exactly_and_merge(tmp_path):
+    """--lora-r: checkpoints hold the adapter alone; a run stopped after step 3 and resumed ends with the
+    uninterrupted run's adapter bit for bit; --merge-lora's final/ loads in plain transformers and differs from
+    the base model in exactly the adapted projections."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from rrhf_fast.default_model import build_model, build_tokenizer
+
+    assert train.cli([*LORA, "--output-dir", str(tmp_path / "full"), "--merge-lora"]) == 0
+    assert train.cli([*LORA, "--output-dir", str(tmp_path / "part"), "--stop-after", "3"]) == 0
+    assert train.cli([*LORA, "--output-dir", str(tmp_path / "part"), "--resume"]) == 0
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    full = load_file(checkpoint / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "part" / "final" / "adapter_model.safetensors")
+    assert full.keys() == resumed.keys() and all(".lora_" in name for name in full)
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "final").state_dict()
+    base = build_model(build_tokenizer(), seed=0, hidden_size=32, num_layers=1).state_dict()
+    assert merged.keys() == base.keys()
+    changed = {name for name in base if not torch.equal(merged[name], base[name])}
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert changed == {name for name in base if name.endswith(tuple(f"{p}.weight" for p in projections))}
 
 
 def test_broken_model_directories(full_run, tmp_path, capsys):
