@@ -25,7 +25,7 @@ CHUNK_ELEMENTS = 1 << 24
 # On a GPU each chunk also costs one read and write of the fp32 [V, D] dW accumulator (2 GB at V = 128256,
 # D = 4096), and short chunks leave the matmuls' row dimension too small to fill the chip: fewer, larger
 # chunks: 2^28 bf16 logits = 512 MiB, 2093 rows at V = 128256. On an H100 at N = 8192, D = 4096 the one-sweep
-# head took 2.6x / 1.4x / 1.19x the 6NVD floor with 2^25 / 2^27 / 2^28 (benchmarks/tune_head.py, NOTES.md).
+# head took 3.1x / 1.4x / 1.19x the 6NVD floor with 2^25 / 2^27 / 2^28 (benchmarks/tune_head.py, NOTES.md).
 CUDA_CHUNK_ELEMENTS = 1 << 28
 
 # bf16 / fp16 products accumulated straight into an fp32 tensor by one cuBLAS call (torch >= 2.8, CUDA only)
