@@ -167,6 +167,19 @@ def agrees_with_reference(fn, x, ref):
     return ""
 
 
+_reference_results = {}  # the reference's loss and gradients at the size being measured
+
+
+def reference_result(x, key):
+    """{"loss", "grads"} of the reference on inputs x, computed once a size (make_inputs is deterministic)."""
+    if key not in _reference_results:
+        _reference_results.clear()  # one size at a time: a large size's gradients take GBs
+        out = fwd_bwd(provider_fn("reference"), x)
+        grads = (x["hidden"].grad.float().clone(), x["weight"].grad.float().clone())
+        _reference_results[key] = {"loss": out.loss.item(), "grads": grads}
+    return _reference_results[key]
+
+
 def measure(provider, num_tokens, dim, vocab, dtype, device, repeats, check):
     """Time and memory of one provider at one size: {"seconds", "extra_bytes"} or {"skipped": why}."""
     try:
@@ -175,13 +188,9 @@ def measure(provider, num_tokens, dim, vocab, dtype, device, repeats, check):
         return {"skipped": str(err)}
     x = make_inputs(num_tokens, dim, vocab, dtype, device)
     if check and provider != "reference":
-        ref_out = fwd_bwd(provider_fn("reference"), x)
-        ref = {"loss": ref_out.loss.item(), "grads": (x["hidden"].grad.float().clone(), x["weight"].grad.float().clone())}
-        del ref_out
-        problem = agrees_with_reference(fn, x, ref)
+        problem = agrees_with_reference(fn, x, reference_result(x, (num_tokens, dim, vocab, dtype, device)))
         if problem:
             raise SystemExit(f"{provider} disagrees with the reference at N={num_tokens}: {problem}")
-        del ref
     fwd_bwd(fn, x)  # warm-up (and compilation) before the memory measurement
     x["hidden"].grad = x["weight"].grad = None  # so that the peak counts the gradients the call allocates
     extra = report.peak_extra_bytes(lambda: fwd_bwd(fn, x), device)
