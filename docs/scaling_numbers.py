@@ -6,6 +6,11 @@ Llama-3-8B, Llama-3-70B and Llama-3.1-405B shapes with rrhf_fast.train.
 Pure arithmetic (no torch, no GPU, no download); every formula is the one docs/scaling.md writes out.
 Units: GiB = 2**30 bytes, as torch.cuda.memory_allocated() reports; parameter counts exact; activations are
 estimates (docs/scaling.md, "Activations").
+
+Two kinds of case: what the trainer does today (`--bf16` = torch.autocast(bf16) over fp32 weights; `--fsdp` =
+fully_shard with no mixed-precision policy, so fp32 weights are gathered; LoRA under DDP only) and, marked "not
+implemented", what an FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), --lora-r accepted with
+--fsdp, or a LoRA base loaded in bf16 would give.
 """
 
 GIB = 2**30
@@ -22,12 +27,38 @@ REFERENCE_MODELS = {"LLaMA-7B (the paper's)": dict(D=4096, L=32, H=32, KV=32, F=
 WORKLOADS = {"A": dict(P=512, R=128, k=4, G=1), "B": dict(P=1024, R=256, k=8, G=2)}
 
 LORA_R = 16  # adapters on q, k, v, o, gate, up, down of every layer; embeddings and LM head frozen
+LORA_MODULES = 7
 CUDA_CHUNK_ELEMENTS = 2**28  # logits per chunk of the fused head on CUDA: as in rrhf_fast/chunked.py
 # An 80 GB H100 shows 79.1 GiB to torch; a case fits when its estimate is at most 70 GiB, leaving 9.1 GiB for
 # what is not counted (CUDA context, NCCL buffers, allocator fragmentation)
 BUDGET_GIB = 70.0
 MAX_GPUS = 512  # the largest GPU count searched
-FULL_FT_GPUS = {"Llama-3-8B": (2, 4, 8), "Llama-3-70B": (8, 16, 32), "Llama-3.1-405B": (128, 256, 512)}
+FULL_FT_GPUS = {"Llama-3-8B": (2, 4, 8, 16), "Llama-3-70B": (8, 16, 32), "Llama-3.1-405B": (128, 256, 512)}
+
+# Measured on an H100 (docs/scaling.md, section 5): the allocated bytes a Llama-3-8B-shaped layer adds after the
+# forward (2 layers minus 1, prefix_forward in packed mode); under autocast they include the layer's bf16 weight copies
+MEASURED_8B_LAYER = [  # (case, workload, regime, checkpointing, bytes a layer)
+    ("A, bf16", "A", "bf16", False, 186_786_816),
+    ("B, bf16", "B", "bf16", False, 1_347_732_480),
+    ("A, fp32 weights under autocast", "A", "autocast", False, 698_491_904),
+    ("A, bf16, checkpointing", "A", "bf16", True, 8_388_608),
+    ("B, bf16, checkpointing", "B", "bf16", True, 50_855_936),
+]
+
+# LoRA setups: label -> (bytes a base parameter is held in, FSDP2, bytes a gathered parameter has under FSDP2).
+# Today LoRA runs under DDP only: rrhf_fast.train refuses --lora-r with --fsdp.
+LORA_DDP = "DDP, fp32 base"
+LORA_FSDP = "not implemented: --fsdp, fp32 base, fp32 gather"
+LORA_FSDP_BF16 = "not implemented: --fsdp, fp32 base, bf16 param_dtype"
+LORA_DDP_BF16_BASE = "not implemented: DDP, bf16 base"
+LORA_FSDP_BF16_BASE = "not implemented: --fsdp, bf16 base, bf16 param_dtype"
+LORA_SETUPS = {
+    LORA_DDP: (4, False, None),
+    LORA_FSDP: (4, True, 4),
+    LORA_FSDP_BF16: (4, True, 2),
+    LORA_DDP_BF16_BASE: (2, False, None),
+    LORA_FSDP_BF16_BASE: (2, True, 2),
+}
 
 
 def params(m):
@@ -40,8 +71,8 @@ def params(m):
     embed = head = V * D
     total = L * layer + embed + head + D  # + final norm
     lora = LORA_R * ((D + D) + 2 * (D + dkv) + (D + D) + 3 * (D + F))  # r (in + out) per adapted linear
-    return dict(attn=attn, mlp=mlp, layer=layer, body=L * layer, embed=embed, head=head, total=total,
-                root=embed + head + D, lora=L * lora, dkv=dkv)
+    return dict(attn=attn, mlp=mlp, linear=attn + mlp, layer=layer, body=L * layer, embed=embed, head=head,
+                total=total, root=embed + head + D, lora=L * lora, dkv=dkv)
 
 
 def tokens(w):
@@ -52,18 +83,34 @@ def tokens(w):
 def act_per_token(m, p, regime):
     """Bytes one decoder layer saves for the backward per token, without checkpointing (docs/scaling.md).
 
-    bf16:     the layer computes with bf16 weights (FSDP2 param_dtype=bf16, or a model held in bf16):
+    bf16:     the layer computes with bf16 weights (not implemented: FSDP2 param_dtype=bf16, or a model loaded in
+              bf16):
                 two RMSNorms, each its fp32 input (4D) and bf16 normalised input (2D)      12D
                 inputs of q/k/v, o_proj, gate/up (bf16)                                     6D
                 attention: q (2D), k and v (2 Dkv each), its output (2D)                    4D + 4Dkv
                 MLP: gate output, SiLU output, up output, down input (bf16)                 8F
               = 22D + 4Dkv + 8F
-    autocast: fp32 weights under torch.autocast(bf16): the residual stream and both norms stay fp32 (8D each),
-              q, k, v, gate and up each cast their fp32 input to bf16 (5 x 2D), o_proj's input 2D
-              = 32D + 4Dkv + 8F, plus every linear's bf16 weight copy (2 bytes x layer parameters, a layer)
+    autocast: fp32 weights under torch.autocast(bf16), what --bf16 does today, with or without --fsdp: the residual
+              stream and both norms stay fp32 (8D each), q, k, v, gate and up each cast their fp32 input to bf16
+              (5 x 2D), o_proj's input 2D
+              = 32D + 4Dkv + 8F, plus every linear's bf16 weight copy (2 bytes x linear parameters, a layer)
     """
     D, F, dkv = m["D"], m["F"], p["dkv"]
     return (22 * D if regime == "bf16" else 32 * D) + 4 * dkv + 8 * F
+
+
+def lora_act_per_token(m, adapters_bf16, dropout=False):
+    """Bytes the LoRA adapters of one layer save per token, beyond the base layer's (act_per_token).
+
+    Each of the 7 adapters keeps lora_A's bf16 output (r wide) for lora_B: 14r. fp32 adapters (peft keeps them
+    fp32) under autocast: peft casts each adapter's input to fp32 and lora_A casts it back to bf16, a copy of its
+    own for each adapter (q, k, v, o, gate, up: D wide; down: F wide): 2 (6D + F). Adapters gathered in bf16 read
+    the base layer's input as it is. With dropout, each adapter keeps its dropped input (bf16) and the mask
+    (1 byte an element): 3 (6D + F).
+    """
+    D, F = m["D"], m["F"]
+    own_inputs = 3 * (6 * D + F) if dropout else 0 if adapters_bf16 else 2 * (6 * D + F)
+    return own_inputs + LORA_MODULES * 2 * LORA_R
 
 
 def mask_per_layer(w, t):
@@ -71,21 +118,32 @@ def mask_per_layer(w, t):
     return t["rows"] * t["row"] ** 2 * 2
 
 
-def activations(m, p, w, regime, ckpt, body_tokens=None):
-    """Bytes of saved activations at the start of the backward (all layers), with or without checkpointing."""
+def activations(m, p, w, regime, ckpt, body_tokens=None, extra=0):
+    """Bytes of saved activations at the start of the backward (all layers), with or without checkpointing.
+
+    extra: bytes a token a layer beyond act_per_token (LoRA's adapters). With checkpointing under autocast the
+    recomputed layer also holds its bf16 weight copies."""
     t = tokens(w)
     T = body_tokens or t["shared"]
-    a = act_per_token(m, p, regime)
+    a = act_per_token(m, p, regime) + extra
     mask = mask_per_layer(w, t) if body_tokens is None else 0
-    resid = 2 * m["D"] if regime == "bf16" else 4 * m["D"]  # the layer input a checkpoint keeps
+    copies = 2 * p["linear"] if regime == "autocast" else 0  # one layer's bf16 weight copies under autocast
     if ckpt:  # every layer keeps its input; one layer is recomputed at a time (its activations + mask)
-        return m["L"] * resid * T + a * T + mask
-    weights = 2 * p["layer"] * m["L"] if regime == "autocast" else 0
-    return m["L"] * (a * T + mask) + weights
+        return m["L"] * layer_input(m, regime) * T + a * T + mask + copies
+    return m["L"] * (a * T + mask + copies)
 
 
-def head(m, w, kind, trainable_head=True, T=None):
-    """Peak bytes the loss head adds (the LM head's weight gradient included when it is trained)."""
+def layer_input(m, regime):
+    """Bytes a token of the residual stream: what a checkpointed layer keeps (bf16, or fp32 under autocast)."""
+    return 2 * m["D"] if regime == "bf16" else 4 * m["D"]
+
+
+def head(m, w, kind, trainable_head=True, T=None, hidden="bf16"):
+    """Peak bytes the loss head adds (the LM head's weight gradient included when it is trained).
+
+    hidden="fp32": the final hidden states and the head weight are fp32 under autocast (--bf16 today): the chunk
+    of logits is fp32 (4 x rows x V), the matmul first writes it in bf16 (2 x rows x V) from a bf16 copy of the
+    head weight (2VD, made again for each chunk), and dW stays in its fp32 accumulator."""
     t = tokens(w)
     V, D = m["V"], m["D"]
     if kind == "naive":
@@ -96,6 +154,9 @@ def head(m, w, kind, trainable_head=True, T=None):
     # a chunk holds as many whole groups as fit CUDA_CHUNK_ELEMENTS // V rows; a larger group is a chunk of its own
     group = w["k"] * w["R"]
     rows = min(t["N"], max(1, (CUDA_CHUNK_ELEMENTS // V) // group) * group)
+    if hidden == "fp32":
+        chunk = max(2 * V * D + 2 * rows * V, 6 * rows * V)  # weight copy + bf16 product, or bf16 + fp32 product
+        return chunk + 4 * V * D if trainable_head else chunk
     chunk = 2 * rows * V  # one bf16 [rows, V] buffer, overwritten in place by dz
     if not trainable_head:
         return chunk
@@ -110,9 +171,15 @@ def fmt(x, digits=1):
     return f"{gib(x):.{digits}f}"
 
 
+def shard(p, W, bytes_per_param):
+    """Bytes a GPU holds of something spread over W GPUs; W=None: the floor as W grows without bound (0)."""
+    return bytes_per_param * p["total"] / W if W else 0
+
+
 def full_ft(m, p, w, W, ckpt=True):
-    """Per-GPU bytes for full fine-tuning with FSDP2 over W GPUs (bf16 gathered params, fp32 sharded state)."""
-    sharded = p["total"] / W
+    """Not implemented: full fine-tuning with FSDP2 over W GPUs and MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32): bf16 gathered params, fp32 sharded state, no autocast casts."""
+    sharded = shard(p, W, 1)
     root = 2 * p["root"]  # the root unit (embeddings, final norm, LM head) stays gathered, bf16
     layers = 10 * p["layer"]  # 2 gathered layers in bf16 + a layer's bf16 gradient + its fp32 reduce-scatter copy
     act = activations(m, p, w, "bf16", ckpt)
@@ -125,22 +192,52 @@ def full_ft(m, p, w, W, ckpt=True):
     return rows
 
 
-def lora(m, p, w, W, base_bytes, ckpt=True, fsdp=True):
-    """Per-GPU bytes for LoRA: base frozen in base_bytes (4 fp32, 2 bf16) a parameter, adapters fp32 + AdamW."""
+def full_ft_today(m, p, w, W, ckpt=True):
+    """Full fine-tuning as `--fsdp --bf16` runs today over W GPUs (W=None: the floor as W grows).
+
+    fp32 gathered: the root unit (4 bytes x its parameters) for the whole step; two decoder layers (8 bytes x a
+    layer) in the forward, and in the backward also one layer's fp32 gradient and the fp32 reduce-scatter buffer
+    it is copied into (16 bytes x a layer). Autocast caches a bf16 copy of every linear weight that needs a
+    gradient until the forward ends (2 bytes x the linear parameters of all layers), so at the end of the forward
+    the cache is full while either the last two layers or the loss head are working. The peak is the largest of
+    the end of the forward, the backward and the optimizer step."""
+    L, V, D = m["L"], m["V"], m["D"]
+    t = tokens(w)
+    r = dict(shards=shard(p, W, 16), root=4 * p["root"], layers_fwd=8 * p["layer"], layers_bwd=16 * p["layer"],
+             head_fwd=head(m, w, "fused", hidden="fp32"), head_bwd=4 * V * D)  # the fp32 dW, kept for the backward
+    if ckpt:
+        r["cache"] = 2 * p["linear"] * L
+        r["inputs"] = L * layer_input(m, "autocast") * t["shared"]
+        r["recomputed"] = activations(m, p, w, "autocast", True) - r["inputs"]  # one layer and its weight copies
+    else:  # the matmuls keep the cached copies for their backward: they are part of the activations
+        r["cache"], r["inputs"], r["recomputed"] = 0, activations(m, p, w, "autocast", False), 0
+    held = r["shards"] + r["root"] + r["inputs"]
+    # the cache is full by the last layer's forward (two layers gathered) and the loss head (after it is resharded)
+    r["forward"] = held + r["cache"] + max(r["layers_fwd"], r["head_fwd"])
+    r["backward"] = held + r["layers_bwd"] + r["recomputed"] + r["head_bwd"]
+    r["step"] = shard(p, W, 20)
+    r["total"] = max(r["forward"], r["backward"], r["step"])
+    return r
+
+
+def lora(m, p, w, W, setup, ckpt=True):
+    """Per-GPU bytes for LoRA in one of LORA_SETUPS: base frozen, adapters fp32 + AdamW (W=None under FSDP2: the
+    floor as W grows)."""
+    base_bytes, fsdp, gather_bytes = LORA_SETUPS[setup]
     # fp32 weight, grad, m, v (16 bytes); DDP adds its fp32 gradient buckets (4 bytes)
-    adapters = 16 * p["lora"] / W if fsdp else 20 * p["lora"]
+    adapters = (16 * p["lora"] / W if W else 0) if fsdp else 20 * p["lora"]
     if fsdp:
-        base = base_bytes * p["total"] / W
-        gathered = 2 * p["root"] + 2 * 2 * p["layer"]  # root + 2 layers, bf16; frozen: no gradients to reduce
-        regime = "bf16"
+        base = shard(p, W, base_bytes)
+        gathered = gather_bytes * (p["root"] + 2 * p["layer"])  # root + 2 layers; frozen: no gradients to reduce
+        weights_bf16 = gather_bytes == 2
     else:
         base = base_bytes * p["total"]
         gathered = 0
-        regime = "bf16" if base_bytes == 2 else "autocast"
-    act = activations(m, p, w, regime, ckpt)
-    if regime == "autocast" and ckpt:
-        act += 2 * p["layer"]  # the recomputed layer's bf16 weight copies
-    hd = head(m, w, "fused", trainable_head=False)
+        weights_bf16 = base_bytes == 2
+    regime = "bf16" if weights_bf16 else "autocast"
+    extra = lora_act_per_token(m, adapters_bf16=fsdp and weights_bf16)
+    act = activations(m, p, w, regime, ckpt, extra=extra)
+    hd = head(m, w, "fused", trainable_head=False, hidden="bf16" if weights_bf16 else "fp32")
     rows = dict(base=base, adapters=adapters, gathered=gathered, act=act, head=hd)
     rows["total"] = sum(rows.values())
     return rows
@@ -160,130 +257,216 @@ def fewest(per_gpu, start=1):
     return None
 
 
+def fewest_cell(per_gpu, label=""):
+    """'W<label> (peak GiB)' for the fewest GPUs that fit, else why none do: the floor as W grows, or the search."""
+    W = fewest(per_gpu, start=2)
+    if W:
+        return f"{W}{label} ({fmt(per_gpu(W)['total'])} GiB)"
+    floor = per_gpu(None)["total"]
+    if floor > BUDGET_GIB * GIB:
+        return f"none at any GPU count (floor {fmt(floor)} GiB)"
+    return f"more than {MAX_GPUS}"
+
+
 def table(header, rows):
     out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
 
 
-def main():
-    print("## Parameters\n")
+def cases():
+    """(model name, shape, parameter counts, workload name, workload) for every model and workload."""
+    for name, m in MODELS.items():
+        p = params(m)
+        for wn, w in WORKLOADS.items():
+            yield name, m, p, wn, w
+
+
+FITS = f"<= {BUDGET_GIB:.0f}"
+
+# Each table: a function returning (title, header, rows); main() prints them in the order of docs/scaling.md.
+
+
+def summary_table():
+    rows = []
+    for name, m, p, wn, w in cases():
+
+        def lora_cell(ddp, fsdp=None, note=""):
+            """DDP when one GPU holds the whole case, else the fewest GPUs of the --fsdp setup (None: DDP only)."""
+            one = lora(m, p, w, 1, ddp)
+            if one["total"] <= BUDGET_GIB * GIB:
+                return f"1, unsharded ({fmt(one['total'])} GiB){note}"
+            if fsdp is None:
+                return f"none: DDP holds {fmt(one['total'])} GiB a GPU"
+            return fewest_cell(lambda W: lora(m, p, w, W, fsdp), ", FSDP2")
+
+        rows.append([name, wn, fewest_cell(lambda W: full_ft_today(m, p, w, W)), lora_cell(LORA_DDP),
+                     fewest_cell(lambda W: full_ft(m, p, w, W)), lora_cell(LORA_DDP, LORA_FSDP, ", as today"),
+                     lora_cell(LORA_DDP, LORA_FSDP_BF16, ", as today"),
+                     lora_cell(LORA_DDP_BF16_BASE, LORA_FSDP_BF16_BASE)])
+    header = ["model", "workload", "full fine-tuning, today", "LoRA, today (DDP, fp32 base)",
+              "not implemented: full fine-tuning, bf16 param_dtype", "not implemented: LoRA with --fsdp",
+              "not implemented: LoRA with --fsdp, bf16 param_dtype", "not implemented: LoRA, bf16 base"]
+    return "Fewest GPUs (powers of two, gradient checkpointing)", header, rows
+
+
+def parameters_table():
     rows = []
     for name, m in {**MODELS, **REFERENCE_MODELS}.items():
         p = params(m)
         rows.append([name, m["D"], m["L"], f"{m['H']} / {m['KV']}", m["F"], m["V"], f"{p['layer']:,}",
                      f"{p['embed'] + p['head']:,}", f"{p['total']:,}", f"{p['total'] / 1e9:.2f} B",
                      f"{p['lora']:,}"])
-    print(table(["model", "D", "L", "heads / kv", "F", "V", "per layer", "embed + head", "total", "total",
-                 f"LoRA r={LORA_R}"], rows))
+    header = ["model", "D", "L", "heads / kv", "F", "V", "per layer", "embed + head", "total", "total",
+              f"LoRA r={LORA_R}"]
+    return "Parameters", header, rows
 
-    print("\n## Fixed pieces (GiB)\n")
+
+def pieces_table():
     rows = []
     for name, m in MODELS.items():
         p = params(m)
-        V, D = m["V"], m["D"]
-        rows.append([name, fmt(16 * p["total"]), fmt(4 * p["total"]), fmt(2 * p["total"]), fmt(2 * p["root"], 2),
-                     fmt(2 * p["layer"], 2), fmt(10 * p["layer"], 2), fmt(4 * p["layer"], 2), fmt(4 * V * D, 2),
-                     fmt(2 * p["body"])])
-    print(table(["model", "16 bytes x params", "4 bytes x params", "2 bytes x params", "root unit, bf16",
-                 "one layer, bf16", "10 bytes x layer (full FT)", "4 bytes x layer (LoRA)", "fp32 LM head dW, 4VD",
-                 "2 bytes x decoder layers"], rows))
+        rows.append([name, fmt(16 * p["total"]), fmt(4 * p["total"]), fmt(2 * p["total"]), fmt(4 * p["root"], 2),
+                     fmt(2 * p["root"], 2), fmt(16 * p["layer"], 2), fmt(10 * p["layer"], 2), fmt(8 * p["layer"], 2),
+                     fmt(4 * p["layer"], 2), fmt(4 * m["V"] * m["D"], 2), fmt(2 * p["linear"] * m["L"]),
+                     fmt(8 * 4 * p["total"])])
+    header = ["model", "16 bytes x params", "4 bytes x params", "2 bytes x params", "root unit, fp32",
+              "root unit, bf16", "16 bytes x layer (full FT, fp32 gather)", "10 bytes x layer (full FT, bf16)",
+              "8 bytes x layer (LoRA, fp32 gather)", "4 bytes x layer (LoRA, bf16)", "fp32 LM head dW, 4VD",
+              "autocast copies: 2 bytes x linear weights of all layers", "8 ranks x 4 bytes x params (host)"]
+    return "Fixed pieces (GiB)", header, rows
 
-    print("\n## Tokens\n")
+
+def tokens_table():
     rows = []
     for name, w in WORKLOADS.items():
         t = tokens(w)
         rows.append([name, w["P"], w["R"], w["k"], w["G"], t["reencoded"], t["shared"],
                      f"{t['reencoded'] / t['shared']:.2f}", t["N"], f"{t['rows']} x {t['row']}"])
-    print(table(["workload", "P", "R", "k", "queries / GPU", "body tokens, re-encoded k(P+R)G",
-                 "body tokens, shared (P+kR)G", "ratio", "response tokens N = kRG", "packed rows x T"], rows))
+    header = ["workload", "P", "R", "k", "queries / GPU", "body tokens, re-encoded k(P+R)G",
+              "body tokens, shared (P+kR)G", "ratio", "response tokens N = kRG", "packed rows x T"]
+    return "Tokens", header, rows
 
-    print("\n## Activations per layer\n")
+
+def measured_table():
+    m = MODELS["Llama-3-8B"]
+    p = params(m)
+    rows = []
+    for case, wn, regime, ckpt, measured in MEASURED_8B_LAYER:
+        t = tokens(WORKLOADS[wn])
+        T = t["shared"]
+        copies = 2 * p["linear"] if regime == "autocast" else 0
+        per_token = round((measured - copies) / T)
+        if ckpt:
+            formula, shown = 2 * m["D"], f"2D = {2 * m['D']:,}"
+        else:
+            a, mask = act_per_token(m, p, regime), mask_per_layer(WORKLOADS[wn], t) // T
+            formula, shown = a + mask, f"{a:,} + {mask:,} = {a + mask:,}"
+        ratio = round(100 * (formula / per_token - 1))
+        versus = "exact" if formula == per_token else f"{abs(ratio)}% {'high' if ratio > 0 else 'low'}"
+        rows.append([case, f"{measured:,}", f"{copies:,}", f"{per_token:,}", shown, versus])
+    header = ["case", "measured, bytes a layer", "of which bf16 weight copies", "the rest, a token",
+              "formula + mask, a token", "formula vs measured"]
+    return "Measured on an H100, a Llama-3-8B-shaped layer", header, rows
+
+
+def per_layer_table():
     rows = []
     for name, m in MODELS.items():
         p = params(m)
         for regime in ("bf16", "autocast"):
             a = act_per_token(m, p, regime)
-            extra = f"{fmt(2 * p['layer'], 2)}" if regime == "autocast" else "0"
+            extra = f"{fmt(2 * p['linear'], 2)}" if regime == "autocast" else "0"
             rows.append([name, regime, f"{a:,}", f"{a / 1024:.0f}", extra,
                          *(fmt(a * tokens(w)["shared"] + mask_per_layer(w, tokens(w)), 2) for w in WORKLOADS.values())])
-    print(table(["model", "regime", "bytes / token / layer", "KiB", "weight copies / layer, GiB",
-                 *(f"workload {n}, GiB / layer" for n in WORKLOADS)], rows))
+    header = ["model", "regime", "bytes / token / layer", "KiB", "weight copies / layer, GiB",
+              *(f"workload {n}, GiB / layer" for n in WORKLOADS)]
+    return "Activations per layer", header, rows
 
-    print("\n## Activations, all layers (GiB, bf16 regime)\n")
-    rows = []
-    for name, m in MODELS.items():
-        p = params(m)
-        for wn, w in WORKLOADS.items():
-            t = tokens(w)
-            rows.append([name, wn,
-                         fmt(activations(m, p, w, "bf16", False, body_tokens=t["reencoded"])),
-                         fmt(activations(m, p, w, "bf16", False)),
-                         fmt(activations(m, p, w, "bf16", True, body_tokens=t["reencoded"])),
-                         fmt(activations(m, p, w, "bf16", True))])
-    print(table(["model", "workload", "no ckpt, re-encoded", "no ckpt, shared", "ckpt, re-encoded", "ckpt, shared"],
-                rows))
 
-    print("\n## Loss head (GiB)\n")
-    rows = []
-    for name, m in MODELS.items():
-        for wn, w in WORKLOADS.items():
-            t = tokens(w)
-            rows.append([name, wn, fmt(head(m, w, "naive", T=t["reencoded"]), 2),
-                         fmt(head(m, w, "naive", T=t["shared"]), 2), fmt(head(m, w, "naive"), 2),
-                         fmt(head(m, w, "fused"), 2), fmt(head(m, w, "fused", trainable_head=False), 2)])
-    print(table(["model", "workload", "naive, all re-encoded positions", "naive, all shared positions",
-                 "naive, response tokens", "fused", "fused, frozen head (LoRA)"], rows))
+def lora_per_token_table():
+    rows = [[name, f"{lora_act_per_token(m, True):,}", f"{lora_act_per_token(m, False):,}",
+             f"{lora_act_per_token(m, False, dropout=True):,}"] for name, m in MODELS.items()]
+    header = ["model", "adapters in bf16 (14r)", "fp32 adapters under autocast (2(6D+F) + 14r)",
+              "with dropout (3(6D+F) + 14r)"]
+    return "LoRA adapters' own activations (bytes / token / layer)", header, rows
 
-    print("\n## Full fine-tuning, FSDP2 (GiB per GPU)\n")
-    rows = []
-    for name, m in MODELS.items():
-        p = params(m)
-        for wn, w in WORKLOADS.items():
-            for W in FULL_FT_GPUS[name]:
-                r, r0 = full_ft(m, p, w, W), full_ft(m, p, w, W, ckpt=False)
-                rows.append([name, wn, W, *(fmt(r[c]) for c in ("weights", "grads", "adam", "gathered", "act", "head",
-                                                                "backward", "step")), fits(r), fmt(r0["act"]),
-                             fmt(r0["total"]), fits(r0)])
-    print(table(["model", "workload", "GPUs", "weights fp32", "grads fp32", "AdamW m, v", "gathered bf16",
-                 "activations, ckpt", "loss head", "backward peak, ckpt", "step peak", f"<= {BUDGET_GIB:.0f}",
-                 "activations, no ckpt", "peak, no ckpt", f"<= {BUDGET_GIB:.0f}"], rows))
 
-    print("\n## LoRA r=16 (GiB per GPU)\n")
+def all_layers_table():
     rows = []
-    for name, m in MODELS.items():
-        p = params(m)
-        for wn, w in WORKLOADS.items():
-            for label, base_bytes, fsdp in (("DDP, fp32 base", 4, False), ("DDP, bf16 base", 2, False),
-                                            ("FSDP2, fp32 base", 4, True), ("FSDP2, bf16 base", 2, True)):
-                W = max(8, fewest(lambda W: lora(m, p, w, W, base_bytes), start=2) or MAX_GPUS) if fsdp else 1
-                r = lora(m, p, w, W, base_bytes, fsdp=fsdp)
-                r0 = lora(m, p, w, W, base_bytes, ckpt=False, fsdp=fsdp)
-                rows.append([name, wn, label, W if fsdp else "any", *(fmt(r[c]) for c in (
-                    "base", "adapters", "gathered", "act", "head", "total")), fits(r), fmt(r0["act"]),
-                    fmt(r0["total"]), fits(r0)])
-    print(table(["model", "workload", "setup", "GPUs (FSDP2: fewest, at least 8)", "base weights",
-                 "adapters + grads + AdamW", "gathered bf16", "activations, ckpt", "loss head", "total, ckpt",
-                 f"<= {BUDGET_GIB:.0f}", "activations, no ckpt", "total, no ckpt", f"<= {BUDGET_GIB:.0f}"], rows))
+    for name, m, p, wn, w in cases():
+        t = tokens(w)
+        rows.append([name, wn, *(fmt(activations(m, p, w, "bf16", ckpt, body_tokens=T))
+                                 for ckpt in (False, True) for T in (t["reencoded"], None))])
+    header = ["model", "workload", "no ckpt, re-encoded", "no ckpt, shared", "ckpt, re-encoded", "ckpt, shared"]
+    return "Activations, all layers (GiB, bf16 regime)", header, rows
 
-    print("\n## Fewest GPUs (powers of two, gradient checkpointing)\n")
+
+def head_table():
     rows = []
-    for name, m in MODELS.items():
-        p = params(m)
-        for wn, w in WORKLOADS.items():
-            cells = []
-            W = fewest(lambda W: full_ft(m, p, w, W), start=2)
-            cells.append(f"{W} ({fmt(full_ft(m, p, w, W)['total'])} GiB)" if W else f"more than {MAX_GPUS}")
-            for base_bytes in (4, 2):
-                one = lora(m, p, w, 1, base_bytes, fsdp=False)
-                W = fewest(lambda W: lora(m, p, w, W, base_bytes), start=2)
-                if one["total"] <= BUDGET_GIB * GIB:
-                    cells.append(f"1, unsharded ({fmt(one['total'])} GiB)")
-                else:
-                    cells.append(f"{W}, FSDP2 ({fmt(lora(m, p, w, W, base_bytes)['total'])} GiB)" if W
-                                 else f"more than {MAX_GPUS}")
-            rows.append([name, wn, *cells])
-    print(table(["model", "workload", "full fine-tuning", "LoRA, fp32 base", "LoRA, bf16 base"], rows))
+    for name, m, p, wn, w in cases():
+        t = tokens(w)
+        rows.append([name, wn, *(fmt(head(m, w, "naive", T=T), 2) for T in (t["reencoded"], t["shared"], None)),
+                     *(fmt(head(m, w, "fused", trainable_head=trained, hidden=hidden), 2)
+                       for hidden in ("fp32", "bf16") for trained in (True, False))])
+    header = ["model", "workload", "naive, all re-encoded positions", "naive, all shared positions",
+              "naive, response tokens", "fused, fp32 hidden (today)", "fused, fp32 hidden, frozen head (LoRA today)",
+              "fused, bf16 hidden", "fused, bf16 hidden, frozen head"]
+    return "Loss head (GiB)", header, rows
+
+
+def full_ft_today_table():
+    rows = []
+    for name, m, p, wn, w in cases():
+        for W in (*FULL_FT_GPUS[name], None):
+            r, r0 = full_ft_today(m, p, w, W), full_ft_today(m, p, w, W, ckpt=False)
+            rows.append([name, wn, W or "floor", fmt(r["shards"]), fmt(r["root"]),
+                         f"{fmt(r['layers_fwd'])} / {fmt(r['layers_bwd'])}", fmt(r["cache"]), fmt(r["inputs"]),
+                         fmt(r["recomputed"]), f"{fmt(r['head_fwd'])} / {fmt(r['head_bwd'])}", fmt(r["forward"]),
+                         fmt(r["backward"]), fmt(r["step"]), fits(r), fmt(r0["inputs"]), fmt(r0["total"]), fits(r0)])
+    header = ["model", "workload", "GPUs", "fp32 shards: weights, grads, AdamW", "root unit, fp32",
+              "gathered layers, fp32: forward / backward", "autocast bf16 weight copies",
+              "checkpointed inputs, fp32", "recomputed layer", "loss head: forward / backward", "forward-end peak",
+              "backward peak", "step peak", FITS, "activations, no ckpt", "peak, no ckpt", FITS]
+    return "Full fine-tuning today: --fsdp --bf16, fp32 gather under autocast (GiB per GPU)", header, rows
+
+
+def full_ft_planned_table():
+    rows = []
+    for name, m, p, wn, w in cases():
+        for W in FULL_FT_GPUS[name]:
+            r, r0 = full_ft(m, p, w, W), full_ft(m, p, w, W, ckpt=False)
+            rows.append([name, wn, W, *(fmt(r[c]) for c in ("weights", "grads", "adam", "gathered", "act", "head",
+                                                            "backward", "step")), fits(r), fmt(r0["act"]),
+                         fmt(r0["total"]), fits(r0)])
+    header = ["model", "workload", "GPUs", "weights fp32", "grads fp32", "AdamW m, v", "gathered bf16",
+              "activations, ckpt", "loss head", "backward peak, ckpt", "step peak", FITS, "activations, no ckpt",
+              "peak, no ckpt", FITS]
+    return "Not implemented: full fine-tuning with a bf16 param_dtype (GiB per GPU)", header, rows
+
+
+def lora_table():
+    rows = []
+    for name, m, p, wn, w in cases():
+        for setup, (_, fsdp, _) in LORA_SETUPS.items():
+            found = fewest(lambda W: lora(m, p, w, W, setup), start=2)
+            W = max(8, found or MAX_GPUS) if fsdp else 1
+            r, r0 = lora(m, p, w, W, setup), lora(m, p, w, W, setup, ckpt=False)
+            cell = "any" if not fsdp else W if found else f"{W}: none fits"
+            rows.append([name, wn, setup, cell, *(fmt(r[c]) for c in ("base", "adapters", "gathered", "act", "head",
+                                                                      "total")), fits(r), fmt(r0["act"]),
+                         fmt(r0["total"]), fits(r0)])
+    header = ["model", "workload", "setup", "GPUs (FSDP2: fewest, at least 8)", "base weights",
+              "adapters + grads + AdamW", "gathered", "activations, ckpt", "loss head", "total, ckpt", FITS,
+              "activations, no ckpt", "total, no ckpt", FITS]
+    return "LoRA r=16 (GiB per GPU)", header, rows
+
+
+def main():
+    tables = (summary_table, parameters_table, pieces_table, tokens_table, measured_table, per_layer_table,
+              lora_per_token_table, all_layers_table, head_table, full_ft_today_table, full_ft_planned_table,
+              lora_table)
+    print("\n\n".join(f"## {title}\n\n{table(header, rows)}" for title, header, rows in (t() for t in tables)))
 
 
 if __name__ == "__main__":
