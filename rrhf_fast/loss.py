@@ -16,6 +16,7 @@ them, the elementwise and ranking work comes from functions with the same names 
 backend="reference" calls `rrhf_fast.reference` instead.
 """
 
+import contextlib
 import math
 import os
 from functools import partial
@@ -335,6 +336,21 @@ def _head_like(hidden, weight, bias):
     return weight.to(hidden.dtype).contiguous(), None if bias is None else bias.to(hidden.dtype).contiguous()
 
 
+def _autocast_head(hidden):
+    """(hidden, context) for the fused head under autocast: hidden in the autocast dtype, as an nn.Linear head
+    computes in, and a context that turns autocast off inside the Functions.
+
+    The residual stream of a model under autocast is fp32, so without this the head would take fp32 hidden states
+    and the fp32 master weights, and two of its three matmuls (an in-place addmm_ and an mm into `out`, which
+    autocast leaves alone) would run in fp32. With it the matmuls run in bf16 / fp16 on tensor cores and the
+    softmax and ranking maths in fp32, as always; autograd casts the gradients back to the fp32 parameters.
+    """
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, contextlib.nullcontext()
+    return hidden.to(torch.get_autocast_dtype(device_type)), torch.autocast(device_type, enabled=False)
+
+
 def _linear_logprob(hidden, weight, bias, targets, impl):
     weight, bias = _head_like(hidden, weight, bias)
     return LinearLogprobFunction.apply(hidden.contiguous(), weight, bias, targets.contiguous(), _two_pass_head(impl))
@@ -374,16 +390,18 @@ def rrhf_loss(
         return reference.rrhf_loss(
             hidden, weight, targets, cu_seqlens, rewards, cu_groups, bias=bias, **dict(zip(OPTION_NAMES, options))
         )
+    hidden, autocast_off = _autocast_head(hidden)
     weight, bias = _head_like(hidden, weight, bias)
     # Gradients the forward sweep should compute along the way (none under torch.no_grad, e.g. evaluation).
     grads = tuple(
         torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    return RRHFOutput(
-        *LinearRRHFFunction.apply(
-            hidden.contiguous(), weight, bias, targets.contiguous(), cu_seqlens, rewards, cu_groups, options, _impl(backend), grads
+    with autocast_off:
+        return RRHFOutput(
+            *LinearRRHFFunction.apply(
+                hidden.contiguous(), weight, bias, targets.contiguous(), cu_seqlens, rewards, cu_groups, options, _impl(backend), grads
+            )
         )
-    )
 
 
 def rrhf_loss_from_logits(
@@ -456,7 +474,9 @@ def sequence_scores(hidden, weight, targets, cu_seqlens, *, bias=None, length_pe
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
         return reference.sequence_scores(hidden, weight, targets, cu_seqlens, bias=bias, length_penalty=length_penalty)
-    logp = _linear_logprob(hidden, weight, bias, targets, _impl(backend))
+    hidden, autocast_off = _autocast_head(hidden)
+    with autocast_off:
+        logp = _linear_logprob(hidden, weight, bias, targets, _impl(backend))
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     candidate_of_token = torch.repeat_interleave(torch.arange(lengths.numel(), device=logp.device), lengths)
     sums = logp.new_zeros(lengths.numel()).index_add(0, candidate_of_token, logp)

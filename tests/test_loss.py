@@ -223,6 +223,25 @@ def test_head_in_another_dtype_is_cast_to_the_hidden_dtype():
     torch.testing.assert_close(out.loss.float(), ref.loss.float(), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_the_head_in_the_autocast_dtype(backend):
+    """Under bf16 autocast, fp32 hidden states (a model's residual stream) and an fp32 head give what the same
+    call on bf16 copies gives outside autocast, bit for bit: the head's matmuls run in bf16, as an nn.Linear head
+    would, and the gradients come back to the fp32 tensors in fp32."""
+    batch = random_batch(seed=12, dtype=torch.float32, bias=False, dim=16, vocab=32)
+    inputs = ("hidden", "weight")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, grads = run(rrhf_fast.rrhf_loss, batch, inputs, seed=5, backend=backend)
+        scores = rrhf_fast.sequence_scores(*(batch[k] for k in ("hidden", "weight", "targets", "cu_seqlens")), backend=backend)
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32]
+    low = {**batch, **{k: batch[k].detach().bfloat16().requires_grad_() for k in inputs}}
+    want_out, want_grads = run(rrhf_fast.rrhf_loss, low, inputs, seed=5, backend=backend)
+    for a, b in zip((*out, *grads), (*want_out, *want_grads)):
+        assert torch.equal(a, b.to(a.dtype))
+    want_scores = rrhf_fast.sequence_scores(*(low[k] for k in ("hidden", "weight", "targets", "cu_seqlens")), backend=backend)
+    assert torch.equal(scores, want_scores)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad input: a ValueError that names the argument and what to change.
 
