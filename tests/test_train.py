@@ -262,6 +262,16 @@ def test_flag_combinations_the_model_cannot_run(tmp_path, capsys, monkeypatch, a
     assert err[-1].startswith("rrhf_fast.train: error: ") and message in err[-1]
 
 
+def test_bf16_autocast_keeps_no_weight_cache():
+    """--bf16 autocasts without the weight cache, which would hold a bf16 copy of every weight through the forward."""
+    with train.bf16_autocast(torch.device("cpu"), True):
+        assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()
+        layer = torch.nn.Linear(8, 8)
+        assert layer(torch.randn(2, 8)).dtype == torch.bfloat16
+    with train.bf16_autocast(torch.device("cpu"), False):
+        assert not torch.is_autocast_enabled("cpu")
+
+
 def test_other_options_run(tmp_path):
     """bf16 autocast, gradient checkpointing, accumulation, the other prefix modes, loss options and schedules."""
     for i, extra in enumerate((
