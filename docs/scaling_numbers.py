@@ -138,12 +138,15 @@ def layer_input(m, regime):
     return 2 * m["D"] if regime == "bf16" else 4 * m["D"]
 
 
-def head(m, w, kind, trainable_head=True, T=None, hidden="bf16"):
-    """Peak bytes the loss head adds (the LM head's weight gradient included when it is trained).
+def head(m, w, kind, trainable_head=True, T=None, master="bf16"):
+    """Peak bytes the loss head adds in its forward (the LM head's weight gradient included when it is trained).
 
-    hidden="fp32": the final hidden states and the head weight are fp32 under autocast (--bf16 today): the chunk
-    of logits is fp32 (4 x rows x V), the matmul first writes it in bf16 (2 x rows x V) from a bf16 copy of the
-    head weight (2VD, made again for each chunk), and dW stays in its fp32 accumulator."""
+    The fused head computes with bf16 hidden states and a bf16 head weight in every case: under autocast rrhf_loss
+    casts the fp32 hidden states to bf16 and turns autocast off inside (_autocast_head in rrhf_fast/loss.py), so the
+    chunk of logits is bf16. master="fp32": the head weight is an fp32 master weight (--bf16 today), which
+    _head_like casts once a call to a bf16 copy (2VD) that the autograd Function keeps for the backward; the
+    forward fills an fp32 dW accumulator (4VD) and hands dW back as a bf16 copy (2VD), also kept for the backward.
+    master="bf16": a bf16 head weight (not implemented: bf16 param_dtype, bf16 base), used as it is."""
     t = tokens(w)
     V, D = m["V"], m["D"]
     if kind == "naive":
@@ -154,13 +157,17 @@ def head(m, w, kind, trainable_head=True, T=None, hidden="bf16"):
     # a chunk holds as many whole groups as fit CUDA_CHUNK_ELEMENTS // V rows; a larger group is a chunk of its own
     group = w["k"] * w["R"]
     rows = min(t["N"], max(1, (CUDA_CHUNK_ELEMENTS // V) // group) * group)
-    if hidden == "fp32":
-        chunk = max(2 * V * D + 2 * rows * V, 6 * rows * V)  # weight copy + bf16 product, or bf16 + fp32 product
-        return chunk + 4 * V * D if trainable_head else chunk
+    copy = 2 * V * D if master == "fp32" else 0  # the bf16 copy of an fp32 head weight
     chunk = 2 * rows * V  # one bf16 [rows, V] buffer, overwritten in place by dz
     if not trainable_head:
-        return chunk
-    return max(chunk + 4 * V * D, 6 * V * D)  # fp32 dW accumulator; then its bf16 copy beside it
+        return copy + chunk
+    return copy + max(chunk + 4 * V * D, 6 * V * D)  # fp32 dW accumulator; then its bf16 copy beside it
+
+
+def head_backward(m):
+    """Bytes of a trained fp32 head under autocast in its own backward: the bf16 weight copy and the bf16 dW the
+    Function kept from the forward (2VD each), and the fp32 gradient autograd makes from the bf16 dW (4VD)."""
+    return 8 * m["V"] * m["D"]
 
 
 def gib(x):
@@ -204,7 +211,8 @@ def full_ft_today(m, p, w, W, ckpt=True):
     L, V, D = m["L"], m["V"], m["D"]
     t = tokens(w)
     r = dict(shards=shard(p, W, 16), root=4 * p["root"], layers_fwd=8 * p["layer"], layers_bwd=16 * p["layer"],
-             head_fwd=head(m, w, "fused", hidden="fp32"), head_bwd=4 * V * D)  # the fp32 dW, kept for the backward
+             head_fwd=head(m, w, "fused", master="fp32"), head_bwd=head_backward(m),
+             head_grad=4 * V * D)  # the LM head's fp32 gradient, from its backward to the root's reduce-scatter
     if ckpt:
         r["cache"] = 2 * p["linear"] * L
         r["inputs"] = L * layer_input(m, "autocast") * t["shared"]
@@ -214,7 +222,8 @@ def full_ft_today(m, p, w, W, ckpt=True):
     held = r["shards"] + r["root"] + r["inputs"]
     # the cache is full by the last layer's forward (two layers gathered) and the loss head (after it is resharded)
     r["forward"] = held + r["cache"] + max(r["layers_fwd"], r["head_fwd"])
-    r["backward"] = held + r["layers_bwd"] + r["recomputed"] + r["head_bwd"]
+    # the head's backward comes first, before any layer is gathered or recomputed for the backward
+    r["backward"] = held + max(r["head_bwd"], r["layers_bwd"] + r["recomputed"] + r["head_grad"])
     r["step"] = shard(p, W, 20)
     r["total"] = max(r["forward"], r["backward"], r["step"])
     return r
@@ -237,7 +246,7 @@ def lora(m, p, w, W, setup, ckpt=True):
     regime = "bf16" if weights_bf16 else "autocast"
     extra = lora_act_per_token(m, adapters_bf16=fsdp and weights_bf16)
     act = activations(m, p, w, regime, ckpt, extra=extra)
-    hd = head(m, w, "fused", trainable_head=False, hidden="bf16" if weights_bf16 else "fp32")
+    hd = head(m, w, "fused", trainable_head=False, master="bf16" if weights_bf16 else "fp32")
     rows = dict(base=base, adapters=adapters, gathered=gathered, act=act, head=hd)
     rows["total"] = sum(rows.values())
     return rows
@@ -407,11 +416,12 @@ def head_table():
     for name, m, p, wn, w in cases():
         t = tokens(w)
         rows.append([name, wn, *(fmt(head(m, w, "naive", T=T), 2) for T in (t["reencoded"], t["shared"], None)),
-                     *(fmt(head(m, w, "fused", trainable_head=trained, hidden=hidden), 2)
-                       for hidden in ("fp32", "bf16") for trained in (True, False))])
+                     *(fmt(head(m, w, "fused", trainable_head=trained, master=master), 2)
+                       for master in ("fp32", "bf16") for trained in (True, False))])
     header = ["model", "workload", "naive, all re-encoded positions", "naive, all shared positions",
-              "naive, response tokens", "fused, fp32 hidden (today)", "fused, fp32 hidden, frozen head (LoRA today)",
-              "fused, bf16 hidden", "fused, bf16 hidden, frozen head"]
+              "naive, response tokens", "fused, fp32 head weight (today)",
+              "fused, fp32 head weight, frozen (LoRA today)", "fused, bf16 head weight",
+              "fused, bf16 head weight, frozen"]
     return "Loss head (GiB)", header, rows
 
 
@@ -422,11 +432,13 @@ def full_ft_today_table():
             r, r0 = full_ft_today(m, p, w, W), full_ft_today(m, p, w, W, ckpt=False)
             rows.append([name, wn, W or "floor", fmt(r["shards"]), fmt(r["root"]),
                          f"{fmt(r['layers_fwd'])} / {fmt(r['layers_bwd'])}", fmt(r["cache"]), fmt(r["inputs"]),
-                         fmt(r["recomputed"]), f"{fmt(r['head_fwd'])} / {fmt(r['head_bwd'])}", fmt(r["forward"]),
-                         fmt(r["backward"]), fmt(r["step"]), fits(r), fmt(r0["inputs"]), fmt(r0["total"]), fits(r0)])
+                         fmt(r["recomputed"]), " / ".join(fmt(r[c]) for c in ("head_fwd", "head_bwd", "head_grad")),
+                         fmt(r["forward"]), fmt(r["backward"]), fmt(r["step"]), fits(r), fmt(r0["inputs"]),
+                         fmt(r0["total"]), fits(r0)])
     header = ["model", "workload", "GPUs", "fp32 shards: weights, grads, AdamW", "root unit, fp32",
               "gathered layers, fp32: forward / backward", "autocast bf16 weight copies",
-              "checkpointed inputs, fp32", "recomputed layer", "loss head: forward / backward", "forward-end peak",
+              "checkpointed inputs, fp32", "recomputed layer",
+              "loss head: forward / its backward / fp32 dW in the layers' backward", "forward-end peak",
               "backward peak", "step peak", FITS, "activations, no ckpt", "peak, no ckpt", FITS]
     return "Full fine-tuning today: --fsdp --bf16, fp32 gather under autocast (GiB per GPU)", header, rows
 
