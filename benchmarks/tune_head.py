@@ -1,6 +1,6 @@
 """Tune the fused loss head on a GPU: the chunk size and the dW accumulation of the one-sweep path, against the floor.
 
-One size (default N=8192, D=4096, V=128256, bf16: the issue's target point), one process, printed as a table:
+One size (default N=8192, D=4096, V=128256, bf16), one process; a dated table under benchmarks/results/:
 
     floor                the three head matmuls timed on their own (6NVD at this GPU's rate)
     reference            rrhf_fast.reference (full logits), for the time and memory ratios
@@ -17,11 +17,12 @@ cache: `for f in ~/.triton/cache/*/*.cubin; do cuobjdump -res-usage $f; done`.
 """
 
 import argparse
-import json
+from pathlib import Path
 
 import torch
 
 import bench_loss
+import report
 from rrhf_fast import chunked
 
 
@@ -31,25 +32,23 @@ def main(argv=None):
     parser.add_argument("--chunks", default="27,28,29", help="log2 of CUDA_CHUNK_ELEMENTS to try")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3, help="100 ms units of do_bench time")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--out", type=Path, default=report.RESULTS, help="folder for the dated table")
     args = parser.parse_args(argv)
     size = tuple(int(v) for v in args.size.split(","))
     dtype = getattr(torch, args.dtype)
     n, d, v = size
 
     floor = bench_loss.matmul_floor(*size, dtype, "cuda", args.repeats)
-    rows = [{"variant": "floor (6NVD matmuls)", "ms": floor * 1e3, "TFLOP/s": 6 * n * d * v / floor / 1e12}]
+    rows = [{"variant": "floor (6NVD matmuls)", "ms": floor * 1e3, "x floor": 1.0, "extra MiB": float("nan")}]
 
     def run(label, provider, check=True):
         r = bench_loss.measure(provider, *size, dtype, "cuda", args.repeats, check)
         torch.cuda.empty_cache()
-        row = {"variant": label, "ms": r["seconds"] * 1e3, "x floor": r["seconds"] / floor,
-               "extra MiB": r["extra_bytes"] / 2**20}
+        row = {"variant": label, "ms": r["seconds"] * 1e3, "x floor": r["seconds"] / floor, "extra MiB": r["extra_bytes"] / 2**20}
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        return row
+        print(row, flush=True)
 
-    ref = run("reference", "reference", check=False)
+    run("reference", "reference", check=False)
     default = chunked.CUDA_CHUNK_ELEMENTS
     for c in (int(x) for x in args.chunks.split(",")):
         chunked.CUDA_CHUNK_ELEMENTS = 1 << c
@@ -62,18 +61,18 @@ def main(argv=None):
         chunked._ADDMM_OUT_DTYPE = True
     run("triton-two-pass", "triton-two-pass")
     run("triton-tiled", "triton-tiled")
-    for row in rows[1:]:
-        row["x reference"] = row["ms"] / ref["ms"]
-
-    print(f"\nN={n} D={d} V={v} {args.dtype} on {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    columns = ["variant", "ms", "x floor", "x reference", "extra MiB", "TFLOP/s"]
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
     for row in rows:
-        print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        row["x reference"] = row["ms"] / rows[1]["ms"]
+
+    info = report.machine("cuda")
+    notes = (
+        f"N={n} D={d} V={v} {args.dtype}, fwd+bwd of rrhf_loss's head; floor: the three head matmuls timed alone, "
+        f"{6 * n * d * v / floor / 1e12:.0f} TFLOP/s. Reproduce: `python benchmarks/tune_head.py --size {args.size} "
+        f"--chunks {args.chunks}`."
+    )
+    name = "tune-head-" + info["device"].replace(" ", "-").lower()
+    path = report.write_table(rows, name, "Loss head: chunk size and dW accumulation", info, notes, args.out)
+    print(path.read_text())
 
 
 if __name__ == "__main__":
