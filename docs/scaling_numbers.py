@@ -7,10 +7,10 @@ Pure arithmetic (no torch, no GPU, no download); every formula is the one docs/s
 Units: GiB = 2**30 bytes, as torch.cuda.memory_allocated() reports; parameter counts exact; activations are
 estimates (docs/scaling.md, "Activations").
 
-Two kinds of case: what the trainer does today (`--bf16` = torch.autocast(bf16) over fp32 weights; `--fsdp` =
-fully_shard with no mixed-precision policy, so fp32 weights are gathered; LoRA under DDP only) and, marked "not
-implemented", what an FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), --lora-r accepted with
---fsdp, or a LoRA base loaded in bf16 would give.
+Two kinds of case: what the trainer does today (`--bf16` = torch.autocast(bf16, cache_enabled=False) over fp32
+weights; `--fsdp` = fully_shard with no mixed-precision policy, so fp32 weights are gathered; LoRA under DDP only)
+and, marked "not implemented", what an FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), --lora-r
+accepted with --fsdp, or a LoRA base loaded in bf16 would give.
 """
 
 GIB = 2**30
@@ -33,10 +33,11 @@ CUDA_CHUNK_ELEMENTS = 2**28  # logits per chunk of the fused head on CUDA: as in
 # what is not counted (CUDA context, NCCL buffers, allocator fragmentation)
 BUDGET_GIB = 70.0
 MAX_GPUS = 512  # the largest GPU count searched
-FULL_FT_GPUS = {"Llama-3-8B": (2, 4, 8, 16), "Llama-3-70B": (8, 16, 32), "Llama-3.1-405B": (128, 256, 512)}
+FULL_FT_GPUS = {"Llama-3-8B": (2, 4, 8, 16), "Llama-3-70B": (8, 16, 32, 64), "Llama-3.1-405B": (128, 256, 512)}
 
 # Measured on an H100 (docs/scaling.md, section 5): the allocated bytes a Llama-3-8B-shaped layer adds after the
-# forward (2 layers minus 1, prefix_forward in packed mode); under autocast they include the layer's bf16 weight copies
+# forward (2 layers minus 1, prefix_forward in packed mode); under autocast they include the layer's bf16 weight copies,
+# which the matmuls save for the backward without checkpointing, with autocast's weight cache on or off
 MEASURED_8B_LAYER = [  # (case, workload, regime, checkpointing, bytes a layer)
     ("A, bf16", "A", "bf16", False, 186_786_816),
     ("B, bf16", "B", "bf16", False, 1_347_732_480),
@@ -90,9 +91,9 @@ def act_per_token(m, p, regime):
                 attention: q (2D), k and v (2 Dkv each), its output (2D)                    4D + 4Dkv
                 MLP: gate output, SiLU output, up output, down input (bf16)                 8F
               = 22D + 4Dkv + 8F
-    autocast: fp32 weights under torch.autocast(bf16), what --bf16 does today, with or without --fsdp: the residual
-              stream and both norms stay fp32 (8D each), q, k, v, gate and up each cast their fp32 input to bf16
-              (5 x 2D), o_proj's input 2D
+    autocast: fp32 weights under torch.autocast(bf16, cache_enabled=False), what --bf16 does today, with or
+              without --fsdp: the residual stream and both norms stay fp32 (8D each), q, k, v, gate and up each
+              cast their fp32 input to bf16 (5 x 2D), o_proj's input 2D
               = 32D + 4Dkv + 8F, plus every linear's bf16 weight copy (2 bytes x linear parameters, a layer)
     """
     D, F, dkv = m["D"], m["F"], p["dkv"]
@@ -204,24 +205,27 @@ def full_ft_today(m, p, w, W, ckpt=True):
 
     fp32 gathered: the root unit (4 bytes x its parameters) for the whole step; two decoder layers (8 bytes x a
     layer) in the forward, and in the backward also one layer's fp32 gradient and the fp32 reduce-scatter buffer
-    it is copied into (16 bytes x a layer). Autocast caches a bf16 copy of every linear weight that needs a
-    gradient until the forward ends (2 bytes x the linear parameters of all layers), so at the end of the forward
-    the cache is full while either the last two layers or the loss head are working. The peak is the largest of
-    the end of the forward, the backward and the optimizer step."""
+    it is copied into (16 bytes x a layer). Autocast runs without its weight cache (bf16_autocast in
+    rrhf_fast/train.py): a bf16 weight copy lives only while its matmul needs it. Under checkpointing the forward
+    casts one linear weight at a time and frees the copy after its matmul, so the running layer adds at most its
+    largest linear's copy (gate, up or down: 2DF bytes); the recomputed layer saves its copies for its backward
+    (2 bytes x its linear parameters, in activations()). Without checkpointing the matmuls save every layer's
+    copies, counted in the activations. The peak is the largest of the forward, the backward and the optimizer
+    step."""
     L, V, D = m["L"], m["V"], m["D"]
     t = tokens(w)
     r = dict(shards=shard(p, W, 16), root=4 * p["root"], layers_fwd=8 * p["layer"], layers_bwd=16 * p["layer"],
              head_fwd=head(m, w, "fused", master="fp32"), head_bwd=head_backward(m),
              head_grad=4 * V * D)  # the LM head's fp32 gradient, from its backward to the root's reduce-scatter
     if ckpt:
-        r["cache"] = 2 * p["linear"] * L
+        r["copy_fwd"] = 2 * D * m["F"]  # the bf16 copy of the largest linear weight of the running layer
         r["inputs"] = L * layer_input(m, "autocast") * t["shared"]
         r["recomputed"] = activations(m, p, w, "autocast", True) - r["inputs"]  # one layer and its weight copies
-    else:  # the matmuls keep the cached copies for their backward: they are part of the activations
-        r["cache"], r["inputs"], r["recomputed"] = 0, activations(m, p, w, "autocast", False), 0
+    else:  # the matmuls save every layer's bf16 weight copies for the backward: they are part of the activations
+        r["copy_fwd"], r["inputs"], r["recomputed"] = 0, activations(m, p, w, "autocast", False), 0
     held = r["shards"] + r["root"] + r["inputs"]
-    # the cache is full by the last layer's forward (two layers gathered) and the loss head (after it is resharded)
-    r["forward"] = held + r["cache"] + max(r["layers_fwd"], r["head_fwd"])
+    # the forward: two layers gathered and the running layer's weight copy, or the loss head (after they are resharded)
+    r["forward"] = held + max(r["layers_fwd"] + r["copy_fwd"], r["head_fwd"])
     # the head's backward comes first, before any layer is gathered or recomputed for the backward
     r["backward"] = held + max(r["head_bwd"], r["layers_bwd"] + r["recomputed"] + r["head_grad"])
     r["step"] = shard(p, W, 20)
@@ -342,7 +346,7 @@ def pieces_table():
     header = ["model", "16 bytes x params", "4 bytes x params", "2 bytes x params", "root unit, fp32",
               "root unit, bf16", "16 bytes x layer (full FT, fp32 gather)", "10 bytes x layer (full FT, bf16)",
               "8 bytes x layer (LoRA, fp32 gather)", "4 bytes x layer (LoRA, bf16)", "fp32 LM head dW, 4VD",
-              "autocast copies: 2 bytes x linear weights of all layers", "8 ranks x 4 bytes x params (host)"]
+              "bf16 weight copies: 2 bytes x linear weights of all layers", "8 ranks x 4 bytes x params (host)"]
     return "Fixed pieces (GiB)", header, rows
 
 
@@ -431,14 +435,14 @@ def full_ft_today_table():
         for W in (*FULL_FT_GPUS[name], None):
             r, r0 = full_ft_today(m, p, w, W), full_ft_today(m, p, w, W, ckpt=False)
             rows.append([name, wn, W or "floor", fmt(r["shards"]), fmt(r["root"]),
-                         f"{fmt(r['layers_fwd'])} / {fmt(r['layers_bwd'])}", fmt(r["cache"]), fmt(r["inputs"]),
+                         f"{fmt(r['layers_fwd'])} / {fmt(r['layers_bwd'])}", fmt(r["copy_fwd"], 2), fmt(r["inputs"]),
                          fmt(r["recomputed"]), " / ".join(fmt(r[c]) for c in ("head_fwd", "head_bwd", "head_grad")),
                          fmt(r["forward"]), fmt(r["backward"]), fmt(r["step"]), fits(r), fmt(r0["inputs"]),
                          fmt(r0["total"]), fits(r0)])
     header = ["model", "workload", "GPUs", "fp32 shards: weights, grads, AdamW", "root unit, fp32",
-              "gathered layers, fp32: forward / backward", "autocast bf16 weight copies",
+              "gathered layers, fp32: forward / backward", "bf16 weight copy in the forward (one linear, 2DF)",
               "checkpointed inputs, fp32", "recomputed layer",
-              "loss head: forward / its backward / fp32 dW in the layers' backward", "forward-end peak",
+              "loss head: forward / its backward / fp32 dW in the layers' backward", "forward peak",
               "backward peak", "step peak", FITS, "activations, no ckpt", "peak, no ckpt", FITS]
     return "Full fine-tuning today: --fsdp --bf16, fp32 gather under autocast (GiB per GPU)", header, rows
 
