@@ -13,7 +13,6 @@ Providers (each checked against the reference before it is timed; absent librari
     torch               backend="torch": chunked one-sweep PyTorch path
     triton              backend="triton": the one-sweep path with the Triton elementwise and rank kernels
     triton-two-pass     the two-pass head of sequence_scores: chunked cuBLAS matmuls and Triton elementwise kernels
-    triton-tiled        the tiled two-pass Triton kernel (tl.dot over tiles, no logits buffer at all)
     triton-logits       full logits by one matmul, then the Triton logits-level kernels
     torch-linear-ce     torch's F.linear_cross_entropy(reduction="none", chunked) + our ranking
     liger, cce          Liger-Kernel / Cut Cross-Entropy per-token losses + our ranking
@@ -49,7 +48,6 @@ CUDA_PROVIDERS = [
     "torch",
     "triton",
     "triton-two-pass",
-    "triton-tiled",
     "triton-logits",
     "torch-linear-ce",
     "liger",
@@ -106,20 +104,11 @@ def provider_fn(name):
         return lambda x: compiled(**x)
     if name in ("torch", "triton"):
         return lambda x: rrhf_fast.rrhf_loss(**x, backend=name)
-    if name == "triton-tiled":
-        from rrhf_fast import kernels
-
-        def tiled(x):
-            logp = LinearLogprobFunction.apply(x["hidden"], x["weight"], None, x["targets"], kernels)
-            return rrhf_loss_from_logprobs(logp, x["cu_seqlens"], x["rewards"], x["cu_groups"], backend="triton")
-
-        return tiled
     if name == "triton-two-pass":
         from rrhf_fast import kernels
-        from rrhf_fast.loss import _two_pass_head
 
         def two_pass(x):
-            logp = LinearLogprobFunction.apply(x["hidden"], x["weight"], None, x["targets"], _two_pass_head(kernels))
+            logp = LinearLogprobFunction.apply(x["hidden"], x["weight"], None, x["targets"], kernels)
             return rrhf_loss_from_logprobs(logp, x["cu_seqlens"], x["rewards"], x["cu_groups"], backend="triton")
 
         return two_pass

@@ -4,10 +4,9 @@ One size (default N=8192, D=4096, V=128256, bf16), one process; a dated table un
 
     floor                the three head matmuls timed on their own (6NVD at this GPU's rate)
     reference            rrhf_fast.reference (full logits), for the time and memory ratios
-    torch / triton @ 2^c the one-sweep path (chunked.linear_rrhf_fwd) with CUDA_CHUNK_ELEMENTS = 2^c
+    torch / triton @ 2^c the one-sweep path (head.linear_rrhf_fwd) with CUDA_CHUNK_ELEMENTS = 2^c
     ... no-out-dtype     the same with dW accumulated through a bf16 product and an fp32 copy (torch < 2.8)
     triton-two-pass      the two-pass head (sequence_scores, extra upstream gradients): cuBLAS + Triton elementwise
-    triton-tiled         the two-pass tl.dot kernels (no logits buffer)
 
 The registers, spills and shared memory of the kernels compiled in the run come from their cubins in Triton's
 cache: `for f in ~/.triton/cache/*/*.cubin; do cuobjdump -res-usage $f; done`.
@@ -23,7 +22,7 @@ import torch
 
 import bench_loss
 import report
-from rrhf_fast import chunked
+from rrhf_fast import head
 
 
 def main(argv=None):
@@ -49,18 +48,17 @@ def main(argv=None):
         print(row, flush=True)
 
     run("reference", "reference", check=False)
-    default = chunked.CUDA_CHUNK_ELEMENTS
+    default = head.CUDA_CHUNK_ELEMENTS
     for c in (int(x) for x in args.chunks.split(",")):
-        chunked.CUDA_CHUNK_ELEMENTS = 1 << c
+        head.CUDA_CHUNK_ELEMENTS = 1 << c
         for provider in ("torch", "triton"):
             run(f"{provider} @ 2^{c}", provider, check=c == 28)
-    chunked.CUDA_CHUNK_ELEMENTS = default
-    if chunked._ADDMM_OUT_DTYPE:
-        chunked._ADDMM_OUT_DTYPE = False
+    head.CUDA_CHUNK_ELEMENTS = default
+    if head._ADDMM_OUT_DTYPE:
+        head._ADDMM_OUT_DTYPE = False
         run("triton @ default, no-out-dtype", "triton", check=True)
-        chunked._ADDMM_OUT_DTYPE = True
+        head._ADDMM_OUT_DTYPE = True
     run("triton-two-pass", "triton-two-pass")
-    run("triton-tiled", "triton-tiled")
     for row in rows:
         row["x reference"] = row["ms"] / rows[1]["ms"]
 

@@ -28,7 +28,7 @@ WORKLOADS = {"A": dict(P=512, R=128, k=4, G=1), "B": dict(P=1024, R=256, k=8, G=
 
 LORA_R = 16  # adapters on q, k, v, o, gate, up, down of every layer; embeddings and LM head frozen
 LORA_MODULES = 7
-CUDA_CHUNK_ELEMENTS = 2**28  # logits per chunk of the fused head on CUDA: as in rrhf_fast/chunked.py
+CUDA_CHUNK_ELEMENTS = 2**28  # logits per chunk of the fused head on CUDA: as in rrhf_fast/head.py
 # An 80 GB H100 shows 79.1 GiB to torch; a case fits when its estimate is at most 70 GiB, leaving 9.1 GiB for
 # what is not counted (CUDA context, NCCL buffers, allocator fragmentation)
 BUDGET_GIB = 70.0

@@ -40,20 +40,24 @@ def _logprob_fwd_kernel(
     # after it and exp(-inf - b_m) = 0 for masked columns never produces a NaN
     b_m = tl.full((), float("-inf"), ACC_DTYPE)
     b_s = tl.zeros((), ACC_DTYPE)
-    for v0 in range(0, V, BLOCK_V):
-        m_v = v0 + o_v < V
+    for i_v in range(0, V, BLOCK_V):
+        m_v = i_v + o_v < V
+        p_z = p_row + i_v + o_v
         # [BLOCK_V]
-        b_z = tl.load(p_row + v0 + o_v, mask=m_v, other=float("-inf")).to(ACC_DTYPE)
+        b_z = tl.load(p_z, mask=m_v, other=float("-inf")).to(ACC_DTYPE)
         b_m_new = tl.maximum(b_m, tl.max(b_z, axis=0))
         b_s = b_s * tl.exp(b_m - b_m_new) + tl.sum(tl.exp(b_z - b_m_new), axis=0)
         b_m = b_m_new
     b_lse = b_m + tl.log(b_s)
 
     # the target logit is one scalar load, not a masked reduction over the row
-    i_y = tl.load(targets + i_n)
-    b_zy = tl.load(p_row + i_y).to(ACC_DTYPE)
-    tl.store(logp + i_n, b_zy - b_lse)
-    tl.store(lse + i_n, b_lse)
+    p_y = targets + i_n
+    b_y = tl.load(p_y)
+    p_zy = p_row + b_y
+    b_zy = tl.load(p_zy).to(ACC_DTYPE)
+    p_logp, p_lse = logp + i_n, lse + i_n
+    tl.store(p_logp, b_zy - b_lse)
+    tl.store(p_lse, b_lse)
 
 
 @triton.jit
@@ -74,14 +78,17 @@ def _logprob_bwd_kernel(
     i_v = tl.program_id(1)
     o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
     m_v = o_v < V
+    p_lse, p_g, p_y = lse + i_n, grad_logp + i_n, targets + i_n
+    p_z = logits + i_n * stride_n + o_v
+    p_dz = dlogits + i_n * stride_n + o_v
 
-    b_lse = tl.load(lse + i_n).to(ACC_DTYPE)
-    b_g = tl.load(grad_logp + i_n).to(ACC_DTYPE)
-    i_y = tl.load(targets + i_n)
+    b_lse = tl.load(p_lse).to(ACC_DTYPE)
+    b_g = tl.load(p_g).to(ACC_DTYPE)
+    b_y = tl.load(p_y)
     # [BLOCK_V]
-    b_z = tl.load(logits + i_n * stride_n + o_v, mask=m_v, other=float("-inf")).to(ACC_DTYPE)
-    b_dz = b_g * (tl.where(o_v == i_y, 1.0, 0.0) - tl.exp(b_z - b_lse))
-    tl.store(dlogits + i_n * stride_n + o_v, b_dz.to(dlogits.dtype.element_ty), mask=m_v)
+    b_z = tl.load(p_z, mask=m_v, other=float("-inf")).to(ACC_DTYPE)
+    b_dz = b_g * (tl.where(o_v == b_y, 1.0, 0.0) - tl.exp(b_z - b_lse))
+    tl.store(p_dz, b_dz.to(dlogits.dtype.element_ty), mask=m_v)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -137,3 +144,21 @@ def logprob_bwd(logits, targets, lse, grad_logp, inplace: bool = False):
         BLOCK_V=block_v, ACC_DTYPE=tl_acc, num_warps=4 if logits_c.is_cuda else 1,
     )
     return dlogits
+
+
+# The head's loops (rrhf_fast.head) keep their [rows, V] logits buffer in the matmul's dtype for these
+# kernels: they read it as it is and do the softmax maths in fp32 registers (half the traffic of an fp32
+# buffer for bf16 logits).
+UPCAST_LOGITS = False
+
+
+def logprob_step_(logits, targets, grad_of_logp):
+    """One chunk of the one-sweep loss (as rrhf_fast.torch_ops.logprob_step_): logprob_fwd, then the upstream
+    gradient grad_of_logp(logp) (None: a forward only), then logprob_bwd written over the logits.
+
+    Returns (lse [rows], dz [rows, V] in logits' dtype, or None)."""
+    logp, lse = logprob_fwd(logits, targets)
+    grad_logp = grad_of_logp(logp)
+    if grad_logp is None:
+        return lse, None
+    return lse, logprob_bwd(logits, targets, lse, grad_logp, inplace=True)

@@ -1,6 +1,6 @@
 """The RRHF ranking step: per-candidate scores, the pairwise hinge, the SFT term, and the token gradients.
 
-One program per query group g. With logp the [N] per-token log-probabilities (from logprob / linear_logprob),
+One program per query group g. With logp the [N] per-token log-probabilities (from logprob),
 candidate c owning tokens cu_seqlens[c] : cu_seqlens[c + 1] and group g owning candidates
 cu_groups[g] : cu_groups[g + 1]:
 
@@ -33,33 +33,38 @@ import triton.language as tl
 
 
 @triton.jit
-def _group_bounds(cu_groups, i_g):
+def _group_bounds(
+    cu_groups,  # [G + 1] group candidate offsets
+    i_g,  # the group
+):
     """First candidate and candidate count of group i_g (int64)."""
-    c0 = tl.load(cu_groups + i_g).to(tl.int64)
-    return c0, tl.load(cu_groups + i_g + 1).to(tl.int64) - c0
+    p_first, p_end = cu_groups + i_g, cu_groups + i_g + 1
+    c0 = tl.load(p_first).to(tl.int64)
+    return c0, tl.load(p_end).to(tl.int64) - c0
 
 
 @triton.jit
-def _candidate_block(
-    cu_seqlens,  # [C + 1] int32 / int64
-    c0,  # the group's first candidate
-    k,  # the group's candidate count
-    k0,  # first candidate of this block, relative to c0
-    length_penalty,  # alpha, a float >= 0
-    BLOCK_K: tl.constexpr,
+def _candidate_tokens(
+    cu_seqlens,  # [C + 1] int32 / int64 candidate token offsets
+    o_c,  # [BLOCK_K] candidate indices
+    m_k,  # [BLOCK_K] which lanes hold a candidate of the group
 ):
-    """One block of a group's candidates as [BLOCK_K] vectors: global index, mask, first token, length,
-    length as float, and L ** alpha."""
-    o_k = k0 + tl.arange(0, BLOCK_K)
-    m_k = o_k < k
-    o_c = c0 + o_k
-    # padding lanes get length 0 so that no token loop touches them
-    b_start = tl.load(cu_seqlens + o_c, mask=m_k, other=0).to(tl.int64)
-    b_len = tl.load(cu_seqlens + o_c + 1, mask=m_k, other=0).to(tl.int64) - b_start
+    """[BLOCK_K] first token and token count of each candidate (int64). Padding lanes get length 0 so that no
+    token loop touches them."""
+    p_start, p_end = cu_seqlens + o_c, cu_seqlens + o_c + 1
+    b_start = tl.load(p_start, mask=m_k, other=0).to(tl.int64)
+    return b_start, tl.load(p_end, mask=m_k, other=0).to(tl.int64) - b_start
+
+
+@triton.jit
+def _length_norm(
+    b_len,  # [BLOCK_K] token counts (0 on padding lanes)
+    length_penalty,  # alpha, a float >= 0
+):
+    """[BLOCK_K] L ** alpha in fp32, as exp2(alpha log2 L) for L >= 1 (padding lanes count as 1); alpha = 1 takes
+    L itself so the common case is exact."""
     b_lenf = tl.maximum(b_len, 1).to(tl.float32)
-    # L ** alpha as exp2(alpha log2 L) (L >= 1); alpha = 1 takes L itself so the common case is exact
-    b_norm = tl.where(length_penalty == 1.0, b_lenf, tl.exp2(length_penalty * tl.log2(b_lenf)))
-    return o_k, m_k, o_c, b_start, b_len, b_lenf, b_norm
+    return tl.where(length_penalty == 1.0, b_lenf, tl.exp2(length_penalty * tl.log2(b_lenf)))
 
 
 @triton.jit
@@ -86,52 +91,59 @@ def _rank_fwd_kernel(
     # pass 1, per block of candidates: token sums -> scores, and the running best (highest reward, first on
     # ties: a later block replaces it only with a strictly higher reward)
     b_rbest = tl.full((), float("-inf"), rewards.dtype.element_ty)
-    i_best = tl.zeros((), tl.int64)
+    b_kbest = tl.zeros((), tl.int64)
     b_sbest = tl.zeros((), tl.float32)
     b_lbest = tl.zeros((), tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        o_k, m_k, o_c, b_start, b_len, b_lenf, b_norm = _candidate_block(
-            cu_seqlens, c0, k, k0, length_penalty, BLOCK_K)
+    for i_k in range(0, k, BLOCK_K):
+        o_k = i_k + tl.arange(0, BLOCK_K)
+        m_k = o_k < k
+        b_start, b_len = _candidate_tokens(cu_seqlens, c0 + o_k, m_k)
+        b_norm = _length_norm(b_len, length_penalty)
         # step along the block's longest candidate, masking the shorter ones; the loop adds elementwise and
         # reduces once after it (fewer shuffles, and Triton 3.6's thread-locality pass asserts on a
         # loop-carried reduction whose result is used twice)
         b_acc = tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32)
-        for t0 in range(0, tl.max(b_len, axis=0), BLOCK_T):
-            m_t = (t0 + o_t[None, :]) < b_len[:, None]
+        for i_t in range(0, tl.max(b_len, axis=0), BLOCK_T):
+            m_t = (i_t + o_t[None, :]) < b_len[:, None]
+            p_logp = logp + b_start[:, None] + i_t + o_t[None, :]
             # [BLOCK_K, BLOCK_T]
-            b_acc += tl.load(logp + b_start[:, None] + t0 + o_t[None, :], mask=m_t, other=0.0)
+            b_acc += tl.load(p_logp, mask=m_t, other=0.0)
         b_sum = tl.sum(b_acc, axis=1)
-        tl.store(scores + o_c, b_sum / b_norm, mask=m_k)
+        p_scores, p_r = scores + c0 + o_k, rewards + c0 + o_k
+        tl.store(p_scores, b_sum / b_norm, mask=m_k)
 
         # [BLOCK_K]
-        b_r = tl.load(rewards + o_c, mask=m_k, other=float("-inf"))
+        b_r = tl.load(p_r, mask=m_k, other=float("-inf"))
         b_rmax = tl.max(b_r, axis=0)
-        i_b = tl.min(tl.where(m_k & (b_r == b_rmax), o_k, k), axis=0)
+        b_kmax = tl.min(tl.where(m_k & (b_r == b_rmax), o_k, k), axis=0)  # first top reward of the block
         m_new = b_rmax > b_rbest
         b_rbest = tl.where(m_new, b_rmax, b_rbest)
-        i_best = tl.where(m_new, i_b.to(tl.int64), i_best)
-        b_sbest = tl.where(m_new, tl.sum(tl.where(o_k == i_b, b_sum, 0.0), axis=0), b_sbest)
-        b_lbest = tl.where(m_new, tl.sum(tl.where(o_k == i_b, b_lenf, 0.0), axis=0), b_lbest)
+        b_kbest = tl.where(m_new, b_kmax.to(tl.int64), b_kbest)
+        b_sbest = tl.where(m_new, tl.sum(tl.where(o_k == b_kmax, b_sum, 0.0), axis=0), b_sbest)
+        b_lbest = tl.where(m_new, tl.sum(tl.where(o_k == b_kmax, b_len.to(tl.float32), 0.0), axis=0), b_lbest)
     if SFT_MEAN:
         b_sbest = b_sbest / b_lbest
-    tl.store(sft + i_g, -b_sbest)
-    tl.store(best + i_g, c0 + i_best)
+    p_sft, p_best = sft + i_g, best + i_g
+    tl.store(p_sft, -b_sbest)
+    tl.store(p_best, c0 + b_kbest)
 
     # pass 2 reads back the scores this program wrote: the barrier makes every thread's stores visible
     tl.debug_barrier()
     o_b = tl.arange(0, BLOCK_K)
     b_rank = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
-    for i0 in range(0, k, BLOCK_K):
-        m_i = i0 + o_b < k
+    for i_i in range(0, k, BLOCK_K):
+        m_i = i_i + o_b < k
+        p_pi, p_ri = scores + c0 + i_i + o_b, rewards + c0 + i_i + o_b
         # [BLOCK_K] rows: candidate i
-        b_pi = tl.load(scores + c0 + i0 + o_b, mask=m_i, other=0.0)
-        b_ri = tl.load(rewards + c0 + i0 + o_b, mask=m_i, other=0.0)
+        b_pi = tl.load(p_pi, mask=m_i, other=0.0)
+        b_ri = tl.load(p_ri, mask=m_i, other=0.0)
         b_act = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
-        for j0 in range(0, k, BLOCK_K):
-            m_j = j0 + o_b < k
+        for i_j in range(0, k, BLOCK_K):
+            m_j = i_j + o_b < k
+            p_pj, p_rj = scores + c0 + i_j + o_b, rewards + c0 + i_j + o_b
             # [BLOCK_K] columns: candidate j
-            b_pj = tl.load(scores + c0 + j0 + o_b, mask=m_j, other=0.0)
-            b_rj = tl.load(rewards + c0 + j0 + o_b, mask=m_j, other=0.0)
+            b_pj = tl.load(p_pj, mask=m_j, other=0.0)
+            b_rj = tl.load(p_rj, mask=m_j, other=0.0)
             m_ij = m_i[:, None] & m_j[None, :]
             # [BLOCK_K, BLOCK_K]: i below j in reward (i is the lower side of the pair) ...
             m_lo = m_ij & (b_ri[:, None] < b_rj[None, :])
@@ -141,50 +153,57 @@ def _rank_fwd_kernel(
             m_hi = m_ij & (b_rj[None, :] < b_ri[:, None])
             b_hinge_hi = b_pj[None, :] - b_pi[:, None] + margin
             b_act += tl.where(m_lo & (b_hinge > 0.0), 1.0, 0.0) - tl.where(m_hi & (b_hinge_hi > 0.0), 1.0, 0.0)
-        tl.store(coef + c0 + i0 + o_b, tl.sum(b_act, axis=1), mask=m_i)
-    tl.store(rank + i_g, tl.sum(tl.sum(b_rank, axis=1), axis=0))
+        p_coef = coef + c0 + i_i + o_b
+        tl.store(p_coef, tl.sum(b_act, axis=1), mask=m_i)
+    p_rank = rank + i_g
+    tl.store(p_rank, tl.sum(tl.sum(b_rank, axis=1), axis=0))
 
 
 @triton.jit
 def _rank_bwd_kernel(
     grad_logp,  # [N] fp32 output: d loss / d logp of every token
-    cu_seqlens,  # [C + 1]
-    cu_groups,  # [G + 1]
+    cu_seqlens,  # [C + 1] candidate token offsets
+    cu_groups,  # [G + 1] group candidate offsets
     coef,  # [C] fp32 from the forward
     best,  # [G] int64 from the forward
     grad_scores,  # [C] fp32 upstream gradient of the scores (unused when HAS_GRAD_SCORES is False)
     rank_scale,  # 0-d fp32 tensor: d loss / d rank_g, read on device so the caller needs no host sync
     sft_scale,  # 0-d fp32 tensor: d loss / d sft_g
     length_penalty,  # alpha
-    SFT_MEAN: tl.constexpr,
-    HAS_GRAD_SCORES: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    SFT_MEAN: tl.constexpr,  # True: the SFT term divides by L_b; False: it does not
+    HAS_GRAD_SCORES: tl.constexpr,  # whether grad_scores holds a gradient
+    BLOCK_K: tl.constexpr,  # candidates per block
+    BLOCK_T: tl.constexpr,  # tokens written per candidate per step
 ):
     i_g = tl.program_id(0)
     c0, k = _group_bounds(cu_groups, i_g)
+    p_best = best + i_g
     b_rank_scale = tl.load(rank_scale).to(tl.float32)
     b_sft_scale = tl.load(sft_scale).to(tl.float32)
-    i_b = tl.load(best + i_g) - c0
+    b_kbest = tl.load(p_best) - c0
     o_t = tl.arange(0, BLOCK_T)
-    for k0 in range(0, k, BLOCK_K):
-        o_k, m_k, o_c, b_start, b_len, b_lenf, b_norm = _candidate_block(
-            cu_seqlens, c0, k, k0, length_penalty, BLOCK_K)
+    for i_k in range(0, k, BLOCK_K):
+        o_k = i_k + tl.arange(0, BLOCK_K)
+        m_k = o_k < k
+        b_start, b_len = _candidate_tokens(cu_seqlens, c0 + o_k, m_k)
+        b_norm = _length_norm(b_len, length_penalty)
+        p_coef, p_gs = coef + c0 + o_k, grad_scores + c0 + o_k
         # [BLOCK_K]
-        b_dp = b_rank_scale * tl.load(coef + o_c, mask=m_k, other=0.0)
+        b_dp = b_rank_scale * tl.load(p_coef, mask=m_k, other=0.0)
         if HAS_GRAD_SCORES:
-            b_dp += tl.load(grad_scores + o_c, mask=m_k, other=0.0).to(tl.float32)
+            b_dp += tl.load(p_gs, mask=m_k, other=0.0).to(tl.float32)
         if SFT_MEAN:
-            b_dsft = b_sft_scale / b_lenf
+            b_dsft = b_sft_scale / tl.maximum(b_len, 1).to(tl.float32)
         else:
             b_dsft = b_sft_scale + tl.zeros((BLOCK_K,), dtype=tl.float32)
-        b_ds = b_dp / b_norm - tl.where(o_k == i_b, b_dsft, 0.0)
+        b_ds = b_dp / b_norm - tl.where(o_k == b_kbest, b_dsft, 0.0)
 
         # every token of c gets dS_c; the [BLOCK_K, BLOCK_T] broadcast writes the block in lockstep
         b_ds_tile = b_ds[:, None] + tl.zeros((BLOCK_K, BLOCK_T), dtype=tl.float32)
-        for t0 in range(0, tl.max(b_len, axis=0), BLOCK_T):
-            m_t = (t0 + o_t[None, :]) < b_len[:, None]
-            tl.store(grad_logp + b_start[:, None] + t0 + o_t[None, :], b_ds_tile, mask=m_t)
+        for i_t in range(0, tl.max(b_len, axis=0), BLOCK_T):
+            m_t = (i_t + o_t[None, :]) < b_len[:, None]
+            p_g = grad_logp + b_start[:, None] + i_t + o_t[None, :]
+            tl.store(p_g, b_ds_tile, mask=m_t)
 
 
 # ----------------------------------------------------------------------------------------------- launchers

@@ -2,9 +2,8 @@
 
 from rrhf_fast import reference
 from rrhf_fast.batch import PackedBatch, pack_batch
-from rrhf_fast.loss import rrhf_loss, rrhf_loss_from_logits, rrhf_loss_from_logprobs, sequence_scores
+from rrhf_fast.loss import RRHFOutput, rrhf_loss, rrhf_loss_from_logits, rrhf_loss_from_logprobs, sequence_scores
 from rrhf_fast.prefix import model_loss, prefix_forward
-from rrhf_fast.reference import RRHFOutput
 
 __all__ = [
     "PackedBatch",

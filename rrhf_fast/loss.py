@@ -1,4 +1,4 @@
-"""The public RRHF loss: argument checks, backend dispatch and the autograd.Functions.
+"""The public RRHF loss: argument checks, backend dispatch, the options and output types, the autograd.Functions.
 
 rrhf_loss, the training path, is one differentiable step:
 
@@ -10,26 +10,41 @@ The other entry points take two:
              (or LogprobFunction(logits, targets) when logits are given)
     output = RankFunction(logp, cu_seqlens, rewards, cu_groups)      # loss, rank_loss, sft_loss, scores
 
-The matmuls over the vocabulary run as ATen / cuBLAS calls over chunks of rows (rrhf_fast.chunked); between
-them, the elementwise and ranking work comes from functions with the same names and signatures in
-`rrhf_fast.kernels` (Triton, backend="triton") or `rrhf_fast.chunked` (PyTorch, backend="torch").
-backend="reference" calls `rrhf_fast.reference` instead.
+Which module computes what:
+
+    rrhf_fast.head        the loops over chunks of rows of the LM head: z = h W^T, dh = dz W and dW += dz^T h
+                          as ATen / cuBLAS matmuls, one [rows, V] buffer at a time; every backend but
+                          "reference" runs them
+    `ops`                 the elementwise and ranking work between the matmuls (logprob_*, rank_*), the same
+                          functions in two modules: rrhf_fast.kernels (Triton; backend="triton": CUDA, or CPU
+                          under TRITON_INTERPRET=1) and rrhf_fast.torch_ops (PyTorch; backend="torch", any device)
+    rrhf_fast.reference   the naive PyTorch loss (backend="reference", and the tests' oracle)
+
+"auto" picks "triton" on CUDA and "torch" elsewhere.
 """
 
 import contextlib
 import math
 import os
-from functools import partial
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
-from rrhf_fast import chunked, reference
-from rrhf_fast.reference import RRHFOutput
+from rrhf_fast import head, reference, torch_ops
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 SFT_REDUCTIONS = ("mean", "sum")
-OPTION_NAMES = ("length_penalty", "rank_weight", "sft_weight", "margin", "sft_reduction")
+
+
+class LossOptions(NamedTuple):
+    """The five options of the RRHF loss (DESIGN.md section 2), as the Functions and rrhf_fast.head take them."""
+
+    length_penalty: float = 1.0  # alpha: a candidate's score is its log-probability sum / L ** alpha
+    rank_weight: float = 1.0  # weight of the hinge ranking term
+    sft_weight: float = 1.0  # weight of the SFT term on the best-rewarded candidate
+    margin: float = 0.0  # hinge margin
+    sft_reduction: str = "mean"  # "mean": the SFT term divides by the best candidate's length; "sum": it does not
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -52,18 +67,24 @@ def _check_index(name, offsets, total, what):
                 f"{name} must be strictly increasing: entry {i} ({values[i]} -> {values[i + 1]}) is empty; "
                 f"every {'candidate needs at least one token' if what == 'tokens' else 'group needs at least one candidate'}"
             )
+    return values
 
 
-def _check_options(length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend):
-    for name, value in (("rank_weight", rank_weight), ("sft_weight", sft_weight), ("margin", margin)):
+def _check_options(options: LossOptions, backend: str) -> LossOptions:
+    """The options as floats (and the reduction's name), once each is valid."""
+    for name in ("rank_weight", "sft_weight", "margin"):
+        value = getattr(options, name)
         if not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value}")
-    if not (math.isfinite(length_penalty) and length_penalty >= 0):
-        raise ValueError(f"length_penalty must be a finite number >= 0 (1 divides by the length), got {length_penalty}")
-    if sft_reduction not in SFT_REDUCTIONS:
-        raise ValueError(f"sft_reduction must be one of {SFT_REDUCTIONS}, got {sft_reduction!r}")
+    if not (math.isfinite(options.length_penalty) and options.length_penalty >= 0):
+        raise ValueError(
+            f"length_penalty must be a finite number >= 0 (1 divides by the length), got {options.length_penalty}"
+        )
+    if options.sft_reduction not in SFT_REDUCTIONS:
+        raise ValueError(f"sft_reduction must be one of {SFT_REDUCTIONS}, got {options.sft_reduction!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return LossOptions(*(float(v) for v in options[:4]), options.sft_reduction)
 
 
 def _check_targets(targets, num_tokens, vocab, device):
@@ -80,13 +101,15 @@ def _check_targets(targets, num_tokens, vocab, device):
         raise ValueError(f"targets must lie in [0, {vocab}) (the vocabulary size), got values in [{low}, {high}]")
 
 
-def _check_batch(num_tokens, device, cu_seqlens, rewards=None, cu_groups=None):
+def _check_batch(num_tokens, device, cu_seqlens, rewards=None, cu_groups=None) -> int | None:
+    """Checks the packed batch's index tensors and rewards; returns the largest group's candidate count (the
+    rank ops' tile hint, read here with the offsets the checks read anyway), None without groups."""
     for name, t in (("cu_seqlens", cu_seqlens), ("rewards", rewards), ("cu_groups", cu_groups)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but the hidden states / logits are on {device}; move it there")
     _check_index("cu_seqlens", cu_seqlens, num_tokens, "tokens")
     if rewards is None:
-        return
+        return None
     num_candidates = cu_seqlens.numel() - 1
     if rewards.dim() != 1 or rewards.numel() != num_candidates:
         raise ValueError(
@@ -95,7 +118,8 @@ def _check_batch(num_tokens, device, cu_seqlens, rewards=None, cu_groups=None):
         )
     if not rewards.is_floating_point() or not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards must be a floating-point tensor of finite values; drop or fix non-finite rewards")
-    _check_index("cu_groups", cu_groups, num_candidates, "candidates")
+    group_offsets = _check_index("cu_groups", cu_groups, num_candidates, "candidates")
+    return max(end - first for first, end in zip(group_offsets, group_offsets[1:]))
 
 
 def _check_head(hidden, weight, bias):
@@ -145,54 +169,47 @@ def _kernels() -> ModuleType | None:
     return kernels
 
 
-def _impl(backend: str) -> ModuleType:
-    return _kernels() if backend == "triton" else chunked
-
-
-def _two_pass_head(impl):
-    """What computes the two-pass head (linear_logprob_fwd / _bwd) for an implementation.
-
-    The Triton backend runs the same chunked loop as the torch one, cuBLAS matmuls over chunks of rows, with the
-    Triton elementwise kernels in between: on an H100 (bf16, N = 8192, D = 4096, V = 128256) the tiled tl.dot
-    kernels of rrhf_fast.kernels.linear_logprob took 16x the 6NVD matmul floor, this loop under 2x
-    (benchmarks/NOTES.md). The tiled kernels stay available for callers that pass `kernels` itself.
-    """
-    if impl is chunked:
-        return chunked
-    return SimpleNamespace(
-        linear_logprob_fwd=partial(chunked.linear_logprob_fwd, elementwise=impl),
-        linear_logprob_bwd=partial(chunked.linear_logprob_bwd, elementwise=impl),
-    )
+def _ops(backend: str) -> ModuleType:
+    """The module with the elementwise and ranking ops of a resolved backend ("triton" or "torch")."""
+    return _kernels() if backend == "triton" else torch_ops
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The autograd.Functions.
+# The output and the autograd.Functions.
+
+
+class RRHFOutput(NamedTuple):
+    loss: torch.Tensor  # scalar: rank_weight * rank_loss + sft_weight * sft_loss
+    rank_loss: torch.Tensor  # scalar: mean over groups of the pairwise hinge sum
+    sft_loss: torch.Tensor  # scalar: mean over groups of the best candidate's negative log-likelihood
+    scores: torch.Tensor  # [C]: length-normalised log-probability of every candidate
+
 
 
 class LinearLogprobFunction(torch.autograd.Function):
     """logp[n] = log softmax(hidden[n] @ weight.T + bias)[targets[n]], keeping only logsumexp for backward.
 
-    `head` is anything with linear_logprob_fwd / _bwd: _two_pass_head(impl), or rrhf_fast.kernels for the tiled
-    kernels.
+    Two passes of rrhf_fast.head (linear_logprob_fwd / _bwd) with `ops` between the matmuls.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, head):
-        logp, lse = head.linear_logprob_fwd(hidden, weight, bias, targets)
+    def forward(ctx, hidden, weight, bias, targets, ops):
+        logp, lse = head.linear_logprob_fwd(hidden, weight, bias, targets, ops)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.impl = head
+        ctx.ops = ops
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        dh, dw, db = ctx.impl.linear_logprob_bwd(
+        dh, dw, db = head.linear_logprob_bwd(
             hidden,
             weight,
             bias,
             targets,
             lse,
             grad_logp.contiguous(),
+            ctx.ops,
             compute_dh=ctx.needs_input_grad[0],
             compute_dw=ctx.needs_input_grad[1],
         )
@@ -203,56 +220,69 @@ class LogprobFunction(torch.autograd.Function):
     """logp[n] = log softmax(logits[n])[targets[n]], keeping only logsumexp beside the logits."""
 
     @staticmethod
-    def forward(ctx, logits, targets, impl):
-        logp, lse = impl.logprob_fwd(logits, targets)
+    def forward(ctx, logits, targets, ops):
+        logp, lse = ops.logprob_fwd(logits, targets)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.impl = impl
+        ctx.ops = ops
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         logits, targets, lse = ctx.saved_tensors
-        return ctx.impl.logprob_bwd(logits, targets, lse, grad_logp.contiguous()), None, None
+        return ctx.ops.logprob_bwd(logits, targets, lse, grad_logp.contiguous()), None, None
 
 
 class RankFunction(torch.autograd.Function):
-    """Per-token logp -> (loss, rank_loss, sft_loss, scores); the backward gives every token's upstream gradient."""
+    """Per-token logp -> (loss, rank_loss, sft_loss, scores); the backward gives every token's upstream gradient.
+
+    max_group_size (the largest group's candidate count, a Python int) sizes the rank ops' tiles.
+    """
 
     @staticmethod
-    def forward(ctx, logp, cu_seqlens, rewards, cu_groups, options, impl):
-        length_penalty, rank_weight, sft_weight, margin, sft_reduction = options
-        scores, rank, sft, coef, best = impl.rank_fwd(
-            logp, cu_seqlens, rewards, cu_groups, length_penalty, margin, sft_reduction
+    def forward(ctx, logp, cu_seqlens, rewards, cu_groups, options, ops, max_group_size):
+        scores, rank, sft, coef, best = ops.rank_fwd(
+            logp,
+            cu_seqlens,
+            rewards,
+            cu_groups,
+            options.length_penalty,
+            options.margin,
+            options.sft_reduction,
+            max_group_size=max_group_size,
         )
         rank_loss, sft_loss = rank.mean(), sft.mean()
         ctx.save_for_backward(cu_seqlens, cu_groups, coef, best)
-        ctx.options, ctx.impl = options, impl
-        return rank_weight * rank_loss + sft_weight * sft_loss, rank_loss, sft_loss, scores
+        ctx.options, ctx.ops, ctx.sizes = options, ops, (logp.numel(), max_group_size)
+        return options.rank_weight * rank_loss + options.sft_weight * sft_loss, rank_loss, sft_loss, scores
 
     @staticmethod
     def backward(ctx, grad_loss, grad_rank_loss, grad_sft_loss, grad_scores):
         cu_seqlens, cu_groups, coef, best = ctx.saved_tensors
-        length_penalty, rank_weight, sft_weight, margin, sft_reduction = ctx.options
         grad_logp = _rank_grad_logp(
-            ctx.impl,
+            ctx.ops,
             ctx.options,
+            ctx.sizes,
             cu_seqlens,
             cu_groups,
             coef,
             best,
             grad_scores,
-            rank_grad=grad_loss * rank_weight + grad_rank_loss,
-            sft_grad=grad_loss * sft_weight + grad_sft_loss,
+            rank_grad=grad_loss * ctx.options.rank_weight + grad_rank_loss,
+            sft_grad=grad_loss * ctx.options.sft_weight + grad_sft_loss,
         )
-        return grad_logp, None, None, None, None, None
+        return grad_logp, None, None, None, None, None, None
 
 
-def _rank_grad_logp(impl, options, cu_seqlens, cu_groups, coef, best, grad_scores, rank_grad, sft_grad):
-    """[N] gradient of every token's logp, given the total gradients reaching rank_loss, sft_loss and scores."""
-    length_penalty, _, _, _, sft_reduction = options
+def _rank_grad_logp(ops, options, sizes, cu_seqlens, cu_groups, coef, best, grad_scores, rank_grad, sft_grad):
+    """[N] gradient of every token's logp, given the total gradients reaching rank_loss, sft_loss and scores.
+
+    sizes = (n_tokens, max_group_size) as Python ints, so that the rank ops need no host read.
+    """
+    n_tokens, max_group_size = sizes
     num_groups = cu_groups.numel() - 1
-    # Scalars stay on the device as 0-d tensors: no host synchronisation in the backward.
-    return impl.rank_bwd(
+    # Scalars stay on the device as 0-d tensors and the sizes come from the host: no host synchronisation in
+    # the backward.
+    return ops.rank_bwd(
         cu_seqlens,
         cu_groups,
         coef,
@@ -260,30 +290,30 @@ def _rank_grad_logp(impl, options, cu_seqlens, cu_groups, coef, best, grad_score
         grad_scores.to(coef.dtype).contiguous(),
         (rank_grad / num_groups).to(coef.dtype),
         (sft_grad / num_groups).to(coef.dtype),
-        length_penalty,
-        sft_reduction,
+        options.length_penalty,
+        options.sft_reduction,
+        n_tokens=n_tokens,
+        max_group_size=max_group_size,
     )
 
 
 class LinearRRHFFunction(torch.autograd.Function):
     """hidden, weight, bias -> (loss, rank_loss, sft_loss, scores) in one sweep over the vocabulary.
 
-    The forward also computes the gradient for d loss = 1 (chunked.linear_rrhf_fwd: 6NVD, no [N, V] tensor),
+    The forward also computes the gradient for d loss = 1 (head.linear_rrhf_fwd: 6NVD, no [N, V] tensor),
     which the backward scales by the incoming d loss: training pays no second sweep. Gradients arriving on
     rank_loss, sft_loss or scores are exact too: by linearity they add a two-pass backward of their own.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, cu_seqlens, rewards, cu_groups, options, impl, grads):
+    def forward(ctx, hidden, weight, bias, targets, cu_seqlens, rewards, cu_groups, options, ops, grads, max_group_size):
         ctx.set_materialize_grads(False)  # None marks an unused output, so the common case skips the extra pass
-        scores, rank, sft, coef, best, lse, dh, dw, db = chunked.linear_rrhf_fwd(
-            hidden, weight, bias, targets, cu_seqlens, rewards, cu_groups, options, impl, grads
-        )
-        ctx.save_for_backward(hidden, weight, bias, targets, cu_seqlens, cu_groups, coef, best, lse)
-        ctx.loss_grads, ctx.options, ctx.impl = (dh, dw, db), options, impl
-        length_penalty, rank_weight, sft_weight, margin, sft_reduction = options
-        rank_loss, sft_loss = rank.mean(), sft.mean()
-        return rank_weight * rank_loss + sft_weight * sft_loss, rank_loss, sft_loss, scores
+        sweep = head.linear_rrhf_fwd(hidden, weight, bias, targets, cu_seqlens, rewards, cu_groups, options, ops, grads)
+        ctx.save_for_backward(hidden, weight, bias, targets, cu_seqlens, cu_groups, sweep.coef, sweep.best, sweep.lse)
+        ctx.loss_grads, ctx.options, ctx.ops = sweep.grads, options, ops
+        ctx.sizes = (hidden.shape[0], max_group_size)
+        rank_loss, sft_loss = sweep.rank.mean(), sweep.sft.mean()
+        return options.rank_weight * rank_loss + options.sft_weight * sft_loss, rank_loss, sft_loss, sweep.scores
 
     @staticmethod
     def backward(ctx, grad_loss, grad_rank_loss, grad_sft_loss, grad_scores):
@@ -296,8 +326,9 @@ class LinearRRHFFunction(torch.autograd.Function):
         if grad_rank_loss is not None or grad_sft_loss is not None or grad_scores is not None:
             zero = coef.new_zeros(())
             grad_logp = _rank_grad_logp(
-                ctx.impl,
+                ctx.ops,
                 ctx.options,
+                ctx.sizes,
                 cu_seqlens,
                 cu_groups,
                 coef,
@@ -306,28 +337,24 @@ class LinearRRHFFunction(torch.autograd.Function):
                 rank_grad=zero if grad_rank_loss is None else grad_rank_loss,
                 sft_grad=zero if grad_sft_loss is None else grad_sft_loss,
             )
-            extra = _two_pass_head(ctx.impl).linear_logprob_bwd(
+            extra = head.linear_logprob_bwd(
                 hidden,
                 weight,
                 bias,
                 targets,
                 lse,
                 grad_logp,
+                ctx.ops,
                 compute_dh=ctx.needs_input_grad[0],
                 compute_dw=ctx.needs_input_grad[1],
             )
             grads = [e if g is None else (g if e is None else g + e) for g, e in zip(grads, extra)]
         dh, dw, db = (g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:3]))
-        return dh, dw, db, None, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The public functions.
-
-
-def _option_tuple(length_penalty, rank_weight, sft_weight, margin, sft_reduction):
-    """The loss options as the hashable tuple the Functions and implementations take (order: OPTION_NAMES)."""
-    return float(length_penalty), float(rank_weight), float(sft_weight), float(margin), sft_reduction
 
 
 def _head_like(hidden, weight, bias):
@@ -351,9 +378,9 @@ def _autocast_head(hidden):
     return hidden.to(torch.get_autocast_dtype(device_type)), torch.autocast(device_type, enabled=False)
 
 
-def _linear_logprob(hidden, weight, bias, targets, impl):
+def _linear_logprob(hidden, weight, bias, targets, ops):
     weight, bias = _head_like(hidden, weight, bias)
-    return LinearLogprobFunction.apply(hidden.contiguous(), weight, bias, targets.contiguous(), _two_pass_head(impl))
+    return LinearLogprobFunction.apply(hidden.contiguous(), weight, bias, targets.contiguous(), ops)
 
 
 def rrhf_loss(
@@ -380,26 +407,31 @@ def rrhf_loss(
     Differentiable with respect to hidden, weight and bias. backend: "auto" (triton on CUDA, torch
     otherwise), "triton", "torch" (chunked PyTorch) or "reference" (naive PyTorch).
     """
-    _check_options(length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend)
+    options = _check_options(LossOptions(length_penalty, rank_weight, sft_weight, margin, sft_reduction), backend)
     _check_head(hidden, weight, bias)
     _check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)
-    _check_batch(hidden.shape[0], hidden.device, cu_seqlens, rewards, cu_groups)
-    options = _option_tuple(length_penalty, rank_weight, sft_weight, margin, sft_reduction)
+    max_group_size = _check_batch(hidden.shape[0], hidden.device, cu_seqlens, rewards, cu_groups)
     backend = resolve_backend(backend, hidden.device)
     if backend == "reference":
-        return reference.rrhf_loss(
-            hidden, weight, targets, cu_seqlens, rewards, cu_groups, bias=bias, **dict(zip(OPTION_NAMES, options))
-        )
+        return reference.rrhf_loss(hidden, weight, targets, cu_seqlens, rewards, cu_groups, bias=bias, **options._asdict())
     hidden, autocast_off = _autocast_head(hidden)
     weight, bias = _head_like(hidden, weight, bias)
     # Gradients the forward sweep should compute along the way (none under torch.no_grad, e.g. evaluation).
-    grads = tuple(
-        torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
+    grads = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
     with autocast_off:
         return RRHFOutput(
             *LinearRRHFFunction.apply(
-                hidden.contiguous(), weight, bias, targets.contiguous(), cu_seqlens, rewards, cu_groups, options, _impl(backend), grads
+                hidden.contiguous(),
+                weight,
+                bias,
+                targets.contiguous(),
+                cu_seqlens,
+                rewards,
+                cu_groups,
+                options,
+                _ops(backend),
+                grads,
+                max_group_size,
             )
         )
 
@@ -421,18 +453,13 @@ def rrhf_loss_from_logits(
     """The RRHF loss of a packed batch from [N, V] logits whose row n predicts targets[n]; as `rrhf_loss`."""
     _check_logits(logits)
     _check_targets(targets, logits.shape[0], logits.shape[1], logits.device)
-    options = dict(length_penalty=length_penalty, rank_weight=rank_weight, sft_weight=sft_weight, margin=margin)
-    _check_options(**options, sft_reduction=sft_reduction, backend=backend)
+    options = _check_options(LossOptions(length_penalty, rank_weight, sft_weight, margin, sft_reduction), backend)
     backend = resolve_backend(backend, logits.device)
     if backend == "reference":
         _check_batch(logits.shape[0], logits.device, cu_seqlens, rewards, cu_groups)
-        return reference.rrhf_loss_from_logits(
-            logits, targets, cu_seqlens, rewards, cu_groups, **options, sft_reduction=sft_reduction
-        )
-    logp = LogprobFunction.apply(logits.contiguous(), targets.contiguous(), _impl(backend))
-    return rrhf_loss_from_logprobs(
-        logp, cu_seqlens, rewards, cu_groups, **options, sft_reduction=sft_reduction, backend=backend
-    )
+        return reference.rrhf_loss_from_logits(logits, targets, cu_seqlens, rewards, cu_groups, **options._asdict())
+    logp = LogprobFunction.apply(logits.contiguous(), targets.contiguous(), _ops(backend))
+    return rrhf_loss_from_logprobs(logp, cu_seqlens, rewards, cu_groups, **options._asdict(), backend=backend)
 
 
 def rrhf_loss_from_logprobs(
@@ -451,23 +478,20 @@ def rrhf_loss_from_logprobs(
     """The RRHF loss from [N] per-token log-probabilities (from any model or kernel); as `rrhf_loss`."""
     if logprobs.dim() != 1 or not logprobs.is_floating_point():
         raise ValueError(f"logprobs must be a 1-D floating-point tensor [N], got {logprobs.dtype} {tuple(logprobs.shape)}")
-    _check_options(length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend)
-    _check_batch(logprobs.shape[0], logprobs.device, cu_seqlens, rewards, cu_groups)
+    options = _check_options(LossOptions(length_penalty, rank_weight, sft_weight, margin, sft_reduction), backend)
+    max_group_size = _check_batch(logprobs.shape[0], logprobs.device, cu_seqlens, rewards, cu_groups)
     backend = resolve_backend(backend, logprobs.device)
-    options = _option_tuple(length_penalty, rank_weight, sft_weight, margin, sft_reduction)
     if backend == "reference":
-        return reference.rrhf_loss_from_logprobs(
-            logprobs, cu_seqlens, rewards, cu_groups, **dict(zip(OPTION_NAMES, options))
-        )
+        return reference.rrhf_loss_from_logprobs(logprobs, cu_seqlens, rewards, cu_groups, **options._asdict())
     # The kernels work in fp32; the torch path keeps fp64 for fp64 inputs.
-    dtype = torch.float32 if backend == "triton" else torch.promote_types(logprobs.dtype, torch.float32)
-    rewards = rewards.to(dtype)
-    return RRHFOutput(*RankFunction.apply(logprobs.to(dtype), cu_seqlens, rewards, cu_groups, options, _impl(backend)))
+    dtype = torch.float32 if backend == "triton" else head.compute_dtype(logprobs)
+    logp, rewards = logprobs.to(dtype), rewards.to(dtype)
+    return RRHFOutput(*RankFunction.apply(logp, cu_seqlens, rewards, cu_groups, options, _ops(backend), max_group_size))
 
 
 def sequence_scores(hidden, weight, targets, cu_seqlens, *, bias=None, length_penalty=1.0, backend="auto"):
     """[C] length-normalised log-probability of every candidate (the model as a reward model); differentiable."""
-    _check_options(length_penalty, 1.0, 1.0, 0.0, "mean", backend)
+    _check_options(LossOptions(length_penalty=length_penalty), backend)
     _check_head(hidden, weight, bias)
     _check_targets(targets, hidden.shape[0], weight.shape[0], hidden.device)
     _check_batch(hidden.shape[0], hidden.device, cu_seqlens)
@@ -476,7 +500,7 @@ def sequence_scores(hidden, weight, targets, cu_seqlens, *, bias=None, length_pe
         return reference.sequence_scores(hidden, weight, targets, cu_seqlens, bias=bias, length_penalty=length_penalty)
     hidden, autocast_off = _autocast_head(hidden)
     with autocast_off:
-        logp = _linear_logprob(hidden, weight, bias, targets, _impl(backend))
+        logp = _linear_logprob(hidden, weight, bias, targets, _ops(backend))
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     candidate_of_token = torch.repeat_interleave(torch.arange(lengths.numel(), device=logp.device), lengths)
     sums = logp.new_zeros(lengths.numel()).index_add(0, candidate_of_token, logp)

@@ -12,20 +12,13 @@ candidates and pairs in Python, so that each line can be checked against the mat
 
 `rank_loss` and `sft_loss` are the unweighted means over groups of rank_g and sft_g. Everything is computed
 in the input dtype promoted to at least float32, so float64 inputs give a float64 oracle. Autograd gives the
-gradients. Argument checking lives in `rrhf_fast.loss`; these functions trust their inputs.
+gradients. Argument checking lives in `rrhf_fast.loss`; these functions trust their inputs and return its
+`RRHFOutput`.
 """
-
-from typing import NamedTuple
 
 import torch
 
-
-class RRHFOutput(NamedTuple):
-    loss: torch.Tensor  # scalar: rank_weight * rank_loss + sft_weight * sft_loss
-    rank_loss: torch.Tensor  # scalar: mean over groups of the pairwise hinge sum
-    sft_loss: torch.Tensor  # scalar: mean over groups of the best candidate's negative log-likelihood
-    scores: torch.Tensor  # [C]: length-normalised log-probability of every candidate
-
+from rrhf_fast.loss import RRHFOutput
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)

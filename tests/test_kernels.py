@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rrhf_fast import reference
-from rrhf_fast.kernels import linear_logprob_bwd, linear_logprob_fwd, logprob_bwd, logprob_fwd, rank_bwd, rank_fwd
+from rrhf_fast.kernels import logprob_bwd, logprob_fwd, rank_bwd, rank_fwd
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,11 +22,6 @@ LOGITS_FWD_TOLS = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-5, 1e-5), (t
 # dlogits are stored in the logits' dtype, so their error is one rounding of that dtype
 LOGITS_BWD_TOLS = [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-2, 1e-2), (torch.float16, 1e-3, 1e-3),
                    (torch.float64, 1e-12, 1e-12)]
-# fused linear: logp / lse accumulate in fp32 whatever the input dtype
-LINEAR_FWD_TOLS = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-5, 1e-5), (torch.float16, 1e-5, 1e-5)]
-# dh / dW / db: dz is rounded to the operand dtype before the tensor-core matmul and the results are stored
-# in the parameter dtype, so bf16 / fp16 carry a few roundings of their own precision
-LINEAR_BWD_TOLS = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2), (torch.float16, 2e-3, 2e-3)]
 
 
 def _tols(rows):
@@ -37,28 +32,6 @@ def _tols(rows):
 
 def _close(actual, expected, atol, rtol):
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol)
-
-
-def _linear_inputs(dtype, with_bias, n=N, v=V, d=D):
-    """hidden [n, d], weight [v, d] scaled so logits have std ~3, bias [v] or None, targets [n]."""
-    hidden = torch.randn(n, d, device=DEVICE).to(dtype)
-    weight = (torch.randn(v, d, device=DEVICE) / d**0.5 * 3).to(dtype)
-    bias = torch.randn(v, device=DEVICE).to(dtype) if with_bias else None
-    targets = torch.randint(0, v, (n,), device=DEVICE)
-    return hidden, weight, bias, targets
-
-
-def _check_linear_both_modes(hidden, weight, bias, targets, atol, rtol):
-    """Forward lse and the deterministic and atomic backwards against float64 autograd."""
-    grad_logp = torch.randn(hidden.shape[0], device=hidden.device)
-    lse_ref, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
-    logp, lse = linear_logprob_fwd(hidden, weight, bias, targets)
-    _close(lse, lse_ref, 1e-4, 1e-5)
-    for deterministic in (True, False):
-        dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, deterministic=deterministic)
-        _close(dh, dh_ref, atol, rtol)
-        _close(dw, dw_ref, atol, rtol)
-        _close(db, db_ref, atol, rtol)
 
 
 def _f64(t):
@@ -116,104 +89,6 @@ def test_logprob_extreme_logits_stay_finite():
     softmax = torch.exp(logits.double() - lse.double()[:, None])
     onehot = torch.nn.functional.one_hot(targets, V).double()
     _close(dlogits, grad_logp.double()[:, None] * (onehot - softmax), 1e-6, 1e-5)
-
-
-# --------------------------------------------------------------------------------------- fused linear form
-
-
-@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("dtype, atol, rtol", _tols(LINEAR_FWD_TOLS))
-def test_linear_logprob_fwd_matches_reference(dtype, atol, rtol, with_bias):
-    hidden, weight, bias, targets = _linear_inputs(dtype, with_bias)
-    logits = reference._logits(hidden.double(), weight.double(), _f64(bias))
-    # split_v=3 makes three programs share each row block's vocabulary and exercises the partial merge
-    for split_v in (None, 3) if dtype == torch.float32 else (None,):
-        logp, lse = linear_logprob_fwd(hidden, weight, bias, targets, split_v=split_v)
-        assert logp.dtype == lse.dtype == torch.float32
-        _close(logp, reference.token_logprobs_from_logits(logits, targets), atol, rtol)
-        _close(lse, torch.logsumexp(logits, dim=-1), atol, rtol)
-
-
-def _linear_grads(hidden, weight, bias, targets, grad_logp):
-    """float64 autograd of the reference: (lse [N] fp32, dh, dw, db)."""
-    h64, w64, b64 = _f64(hidden), _f64(weight), _f64(bias)
-    logits = reference._logits(h64, w64, b64)
-    reference.token_logprobs_from_logits(logits, targets).backward(grad_logp.double())
-    lse = torch.logsumexp(logits.detach(), dim=-1).float()
-    return lse, h64.grad, w64.grad, None if b64 is None else b64.grad
-
-
-# deterministic with the default splits, deterministic with forced reduction splits, and the atomic kernel
-BWD_MODES = [dict(), dict(split_v=2, split_n=3), dict(deterministic=False)]
-
-
-# every reduction mode in fp32; bf16 / fp16 run the default (deterministic) mode
-BWD_CASES = [pytest.param(*tols, mode, id=f"{str(tols[0])[6:]}-{name}") for tols in LINEAR_BWD_TOLS
-             for mode, name in zip(BWD_MODES, ("deterministic", "split", "atomic")) if tols[0] == torch.float32 or not mode]
-
-
-@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("dtype, atol, rtol, mode", BWD_CASES)
-def test_linear_logprob_bwd_matches_autograd(dtype, atol, rtol, mode, with_bias):
-    hidden, weight, bias, targets = _linear_inputs(dtype, with_bias)
-    grad_logp = torch.randn(N, device=DEVICE)
-    lse, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
-    dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, **mode)
-    assert dh.dtype == hidden.dtype and dw.dtype == weight.dtype
-    _close(dh, dh_ref, atol, rtol)
-    _close(dw, dw_ref, atol, rtol)
-    if with_bias:
-        assert db.dtype == bias.dtype
-        _close(db, db_ref, atol, rtol)
-    else:
-        assert db is None
-
-
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
-@pytest.mark.parametrize("compute_dh, compute_dw, compute_db",
-                         [(True, False, None), (False, True, None), (False, False, True), (True, True, False)],
-                         ids=["dh", "dw_db", "db_only", "dh_dw"])
-def test_linear_logprob_bwd_flags(compute_dh, compute_dw, compute_db, deterministic):
-    """Only the asked-for gradients come back (db follows compute_dw unless compute_db says otherwise)."""
-    hidden, weight, bias, targets = _linear_inputs(torch.float32, True)
-    grad_logp = torch.randn(N, device=DEVICE)
-    lse, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
-    dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, compute_dh=compute_dh,
-                                    compute_dw=compute_dw, compute_db=compute_db, deterministic=deterministic)
-    want_db = compute_dw if compute_db is None else compute_db
-    assert (dh is not None, dw is not None, db is not None) == (compute_dh, compute_dw, want_db)
-    for got, want in zip((dh, dw, db), (dh_ref, dw_ref, db_ref)):
-        if got is not None:
-            _close(got, want, 1e-5, 1e-5)
-
-
-def test_linear_logprob_extreme_logits_stay_finite():
-    """A bias of +-1e4 pushes logits to the extremes: lse, logp and every gradient stay finite and right."""
-    hidden, weight, bias, targets = _linear_inputs(torch.float32, True)
-    bias = torch.where(torch.rand(V, device=DEVICE) < 0.1, 1e4, torch.where(torch.rand(V, device=DEVICE) < 0.2, -1e4, bias))
-    targets[:5] = int(torch.argmax(bias))  # some targets on a +1e4 column
-    grad_logp = torch.randn(N, device=DEVICE)
-    lse_ref, dh_ref, dw_ref, db_ref = _linear_grads(hidden, weight, bias, targets, grad_logp)
-    logp, lse = linear_logprob_fwd(hidden, weight, bias, targets)
-    assert torch.isfinite(logp).all() and torch.isfinite(lse).all()
-    logits = reference._logits(hidden.double(), weight.double(), bias.double())
-    _close(logp, reference.token_logprobs_from_logits(logits, targets), 2e-3, 1e-6)
-    dh, dw, db = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp)
-    assert all(torch.isfinite(t).all() for t in (dh, dw, db))
-    # fp32 logits and lse near 1e4 are only good to ~5e-4 absolute (ulp 1e-3 there), i.e. up to ~1e-3
-    # relative on the large softmax entries, and dh / dW / db sum ~50-120 such terms: 1e-2 is that bound
-    # (any indexing or masking bug would show as an O(1) error)
-    _close(dh, dh_ref, 1e-2, 1e-2)
-    _close(dw, dw_ref, 1e-2, 1e-2)
-    _close(db, db_ref, 1e-2, 1e-2)
-
-
-def test_linear_logprob_rejects_unsupported_dtypes():
-    hidden, weight, bias, targets = _linear_inputs(torch.float32, False)
-    with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
-        linear_logprob_fwd(hidden.double(), weight.double(), None, targets)
-    with pytest.raises(TypeError, match="share a dtype"):
-        linear_logprob_fwd(hidden, weight.half(), None, targets)
 
 
 # --------------------------------------------------------------------------------------------------- rank
@@ -391,43 +266,11 @@ def test_logprob_int64_offsets_past_2_pow_31():
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.slow
-def test_linear_logprob_int64_offsets_past_2_pow_31():
-    """V * D > 2^31: weight row offsets o_v * stride must be int64."""
-    n, v, d = 64, 264_000, 8192  # 2.16e9 weight elements, 4.3 GB in bf16
-    assert v * d > 2**31
-    hidden = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
-    weight = (torch.randn(v, d, device="cuda", dtype=torch.bfloat16) * 0.02)
-    targets = torch.randint(v - 1000, v, (n,), device="cuda")  # targets in the rows past 2^31
-    logp, lse = linear_logprob_fwd(hidden, weight, None, targets)
-    logits = torch.cat([hidden.float() @ w.float().T for w in weight.split(32_768)], dim=1)
-    _close(lse, torch.logsumexp(logits, -1), 1e-3, 1e-4)
-    _close(logp, logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1), 1e-3, 1e-4)
-
-
-@cuda
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype, atol, rtol", _tols([(torch.float32, 1e-4, 1e-4), (torch.bfloat16, 3e-2, 3e-2)]))
-def test_linear_logprob_gpu_tiles_match_reference(dtype, atol, rtol):
-    """The GPU block sizes of every kernel on ragged shapes, forward and both backward modes."""
-    _check_linear_both_modes(*_linear_inputs(dtype, True, n=333, v=1_999, d=272), atol, rtol)
-
-
-@cuda
-@pytest.mark.cuda
 def test_kernels_are_deterministic_on_gpu():
-    """Same inputs twice -> bitwise equal outputs for every deterministic path; the atomic backward agrees
-    with the deterministic one to fp32 rounding (its add order varies)."""
-    n, v, d = 1_000, 4_099, 256
-    hidden = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(v, d, device="cuda", dtype=torch.bfloat16) * 0.1
-    bias = torch.randn(v, device="cuda", dtype=torch.bfloat16)
+    """Same inputs twice -> bitwise equal outputs of every kernel."""
+    n, v = 1_000, 4_099
     targets = torch.randint(0, v, (n,), device="cuda")
     grad_logp = torch.randn(n, device="cuda")
-
-    def linear():
-        logp, lse = linear_logprob_fwd(hidden, weight, bias, targets)
-        return (logp, lse, *linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp))
 
     def logits_level():
         logits = torch.randn(n, v, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
@@ -442,27 +285,7 @@ def test_kernels_are_deterministic_on_gpu():
         return (*fwd, rank_bwd(cu_seqlens, cu_groups, fwd[3], fwd[4], None, torch.tensor(0.5, device="cuda"),
                                torch.tensor(0.25, device="cuda"), 1.0, "mean"))
 
-    for run in (linear, logits_level, ranking):
+    for run in (logits_level, ranking):
         first, second = run(), run()
         for a, b in zip(first, second):
             assert torch.equal(a, b), run.__name__
-
-    logp, lse = linear_logprob_fwd(hidden, weight, bias, targets)
-    det = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp)
-    atomic = linear_logprob_bwd(hidden, weight, bias, targets, lse, grad_logp, deterministic=False)
-    for a, b in zip(det, atomic):
-        _close(a, b, 1e-2, 1e-2)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests run these tile sizes for real")
-def test_linear_logprob_gpu_tile_sizes_under_interpreter(monkeypatch):
-    """The bf16 GPU block sizes (64 x 128 x 64 forward, 64 x 256 x 32 dh, 256 x 64 x 16 dW, 64 x 128 x 32
-    atomic) run through the interpreter on ragged shapes, so their masks are checked without a GPU."""
-    dtype, atol, rtol = LINEAR_BWD_TOLS[1]
-    from rrhf_fast.kernels import linear_logprob as module
-
-    real = module._config
-    monkeypatch.setattr(module, "_config", lambda device, dt, kernel: {
-        **real(torch.device("cuda"), dt, kernel), "UPCAST_DOT": dt != torch.float32})
-    # 2 row blocks of 64, 3 vocabulary tiles of 128 (2 of 256), ragged everywhere
-    _check_linear_both_modes(*_linear_inputs(dtype, True, n=70, v=270, d=40), atol, rtol)

@@ -65,38 +65,43 @@ def assert_match(got, want, atol, rtol):
         torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"gradient {i}: {m}")
 
 
+# (dtype, atol, rtol) of each backend against the reference: float64 where the backend supports it, fp32 for
+# the Triton kernels
+EXACT = {
+    "reference": (torch.float64, 1e-10, 1e-10),
+    "torch": (torch.float64, 1e-10, 1e-10),
+    "triton": (torch.float32, 2e-5, 2e-5),
+}
+BACKEND_TOLS = [pytest.param(backend, *EXACT[backend], id=backend) for backend in BACKENDS]
+
+
 def exact_dtype(backend):
-    # float64 where the backend supports it: the Triton kernels compute in fp32.
-    return torch.float32 if backend == "triton" else torch.float64
+    return EXACT[backend][0]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, dtype, atol, rtol", BACKEND_TOLS)
 @pytest.mark.parametrize("options", OPTIONS, ids=str)
 @pytest.mark.parametrize("uses", UPSTREAMS)
-def test_rrhf_loss_matches_reference(backend, options, uses):
-    dtype = exact_dtype(backend)
-    tol = (1e-10, 1e-10) if dtype == torch.float64 else (2e-5, 2e-5)
+def test_rrhf_loss_matches_reference(backend, dtype, atol, rtol, options, uses):
     batch = random_batch(seed=len(str(options)), dtype=dtype)
     inputs = ["hidden", "weight", "bias"]
     got = run(rrhf_fast.rrhf_loss, batch, inputs, seed=1, uses=uses, backend=backend, **options)
     want = run(reference.rrhf_loss, batch, inputs, seed=1, uses=uses, **options)
-    assert_match(got, want, *tol)
+    assert_match(got, want, atol, rtol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_rrhf_loss_with_a_frozen_head_or_frozen_hidden(backend):
-    dtype = exact_dtype(backend)
-    tol = (1e-10, 1e-10) if dtype == torch.float64 else (2e-5, 2e-5)
+@pytest.mark.parametrize("backend, dtype, atol, rtol", BACKEND_TOLS)
+def test_rrhf_loss_with_a_frozen_head_or_frozen_hidden(backend, dtype, atol, rtol):
     batch = random_batch(seed=13, dtype=dtype)
     batch["weight"].requires_grad_(False)
     got = run(rrhf_fast.rrhf_loss, batch, ["hidden", "bias"], seed=4, uses="loss", backend=backend)
     want = run(reference.rrhf_loss, batch, ["hidden", "bias"], seed=4, uses="loss")
-    assert_match(got, want, *tol)
+    assert_match(got, want, atol, rtol)
     batch["weight"].requires_grad_(True)
     batch["hidden"] = batch["hidden"].detach()
     got = run(rrhf_fast.rrhf_loss, batch, ["weight"], seed=4, backend=backend)
     want = run(reference.rrhf_loss, batch, ["weight"], seed=4)
-    assert_match(got, want, *tol)
+    assert_match(got, want, atol, rtol)
 
 
 def test_rrhf_loss_without_grad_computes_no_gradient():
@@ -107,35 +112,29 @@ def test_rrhf_loss_without_grad_computes_no_gradient():
     torch.testing.assert_close(out.loss, reference.rrhf_loss(**batch).loss.detach())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, dtype, atol, rtol", BACKEND_TOLS)
 @pytest.mark.parametrize("options", OPTIONS[:3], ids=str)
-def test_rrhf_loss_from_logits_matches_reference(backend, options):
-    dtype = exact_dtype(backend)
-    tol = (1e-10, 1e-10) if dtype == torch.float64 else (2e-5, 2e-5)
+def test_rrhf_loss_from_logits_matches_reference(backend, dtype, atol, rtol, options):
     batch = random_batch(seed=7, dtype=dtype)
     logits = (batch.pop("hidden") @ batch.pop("weight").T + batch.pop("bias")).detach().requires_grad_()
     batch["logits"] = logits * 3  # a wider spread of probabilities than the unit-scale head gives
     batch["logits"].retain_grad()
     got = run(rrhf_fast.rrhf_loss_from_logits, batch, ["logits"], seed=2, backend=backend, **options)
     want = run(reference.rrhf_loss_from_logits, batch, ["logits"], seed=2, **options)
-    assert_match(got, want, *tol)
+    assert_match(got, want, atol, rtol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_rrhf_loss_without_bias(backend):
-    dtype = exact_dtype(backend)
-    tol = (1e-10, 1e-10) if dtype == torch.float64 else (2e-5, 2e-5)
+@pytest.mark.parametrize("backend, dtype, atol, rtol", BACKEND_TOLS)
+def test_rrhf_loss_without_bias(backend, dtype, atol, rtol):
     batch = random_batch(seed=3, dtype=dtype, bias=False)
     got = run(rrhf_fast.rrhf_loss, batch, ["hidden", "weight"], seed=3, backend=backend)
     want = run(reference.rrhf_loss, batch, ["hidden", "weight"], seed=3)
-    assert_match(got, want, *tol)
+    assert_match(got, want, atol, rtol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, dtype, atol, rtol", BACKEND_TOLS)
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0, 1.5])
-def test_sequence_scores_matches_reference(backend, length_penalty):
-    dtype = exact_dtype(backend)
-    tol = (1e-10, 1e-10) if dtype == torch.float64 else (2e-5, 2e-5)
+def test_sequence_scores_matches_reference(backend, dtype, atol, rtol, length_penalty):
     batch = random_batch(seed=4, dtype=dtype)
     args = [batch[k] for k in ("hidden", "weight", "targets", "cu_seqlens")]
     got = rrhf_fast.sequence_scores(*args, bias=batch["bias"], length_penalty=length_penalty, backend=backend)
@@ -143,9 +142,9 @@ def test_sequence_scores_matches_reference(backend, length_penalty):
     up = torch.randn_like(want)
     got_grads = torch.autograd.grad((got * up).sum(), [batch["hidden"], batch["weight"], batch["bias"]])
     want_grads = torch.autograd.grad((want * up).sum(), [batch["hidden"], batch["weight"], batch["bias"]])
-    torch.testing.assert_close(got, want, atol=tol[0], rtol=tol[1])
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
     for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, atol=tol[0], rtol=tol[1])
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -320,14 +319,12 @@ def test_auto_uses_triton_on_cuda():
     assert all(torch.equal(a, b) for a, b in zip(auto, triton))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_rrhf_loss_from_logprobs_matches_reference(backend):
+@pytest.mark.parametrize("backend, dtype, atol, rtol", BACKEND_TOLS)
+def test_rrhf_loss_from_logprobs_matches_reference(backend, dtype, atol, rtol):
     """Per-token log-probabilities from elsewhere (another kernel, a peer library) ranked by our kernel."""
-    dtype = exact_dtype(backend)
-    tol = (1e-10, 1e-10) if dtype == torch.float64 else (2e-5, 2e-5)
     batch = random_batch(seed=15, dtype=dtype)
     logits = batch.pop("hidden") @ batch.pop("weight").T + batch.pop("bias")
     batch["logprobs"] = reference.token_logprobs_from_logits(logits, batch.pop("targets")).detach().requires_grad_()
     got = run(rrhf_fast.loss.rrhf_loss_from_logprobs, batch, ["logprobs"], seed=15, backend=backend, margin=0.1)
     want = run(reference.rrhf_loss_from_logprobs, batch, ["logprobs"], seed=15, margin=0.1)
-    assert_match(got, want, *tol)
+    assert_match(got, want, atol, rtol)
