@@ -168,7 +168,8 @@ def _response(value, name: str, chat: bool = True) -> str:
     if isinstance(value, list):
         messages = _messages(value, name)
         if len(messages) != 1 or messages[0]["role"] != "assistant":
-            raise _Bad(f"{name} must be a string or a list of one assistant message, got {len(messages)} message(s)")
+            got = f"a {messages[0]['role']} message" if len(messages) == 1 else f"{len(messages)} messages"
+            raise _Bad(f"{name} must be a string or a list of one assistant message, got {got}")
         return messages[0]["content"]
     raise _Bad(f"{name} must be a string or a list of one assistant message, got {_describe(value)}")
 
