@@ -456,9 +456,9 @@ def read_prompts(path: str, split: str = "train") -> list[Example]:
     first = rows[0] if isinstance(rows[0], dict) else {}
     key = next((k for k in ("prompt", "query") if first.get(k) is not None), None)
     try:
-        detect_format(first)
+        _parser(detect_format(first))(first)
     except _Bad:
-        if key is not None:  # prompt-only: no responses to keep
+        if key is not None:  # prompts without scores: any "responses" are kept (unscored), the rest is ignored
             return [_prompt_only(row, key, path, lines[i] if lines else None, i) for i, row in enumerate(rows)]
     return _parse_rows(rows, lines, path)
 
@@ -467,7 +467,10 @@ def _prompt_only(row, key: str, path: str, line: int | None, index: int) -> Exam
     try:
         if not isinstance(row, dict):
             raise _Bad(f"expected a JSON object with {key!r}, got {_describe(row)}")
-        return Example(_prompt(_field(row, key), key), [], [], line, index)
+        responses = row.get("responses") or []
+        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+            raise _Bad("responses, when given without scores, must be a list of strings")
+        return Example(_prompt(_field(row, key), key), list(responses), [], line, index)
     except _Bad as bad:
         raise DataError(path, line, str(bad), index=index) from None
 

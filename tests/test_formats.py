@@ -204,6 +204,10 @@ def test_read_prompts_keeps_messages_and_record_reads_back(tmp_path):
     path = write_jsonl(tmp_path, [{"prompt": USER}, {"prompt": USER[1:]}])
     prompts = read_prompts(path)
     assert [p.prompt for p in prompts] == [USER, USER[1:]] and prompts[0].responses == []
+    unscored = read_prompts(write_jsonl(tmp_path, [{"query": "q", "responses": ["a"]}, {"query": "r"}], "unscored.jsonl"))
+    assert [(p.prompt, p.responses, p.line) for p in unscored] == [("q", ["a"], 1), ("r", [], 2)]
+    with pytest.raises(DataError, match=r"unscored2.jsonl:2: responses, when given without scores, must be a list of strings"):
+        read_prompts(write_jsonl(tmp_path, [{"query": "q"}, {"query": "r", "responses": [3]}], "unscored2.jsonl"))
     txt = tmp_path / "q.txt"
     txt.write_text("a b\n\nc\n", encoding="utf-8")
     assert [(p.prompt, p.line) for p in read_prompts(str(txt))] == [("a b", 1), ("c", 3)]
