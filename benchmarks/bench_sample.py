@@ -16,7 +16,7 @@ alike); times are medians over --repeats rounds after one warm-up round. The rat
 ours' tokens/s over theirs, from the same run.
 
     python benchmarks/bench_sample.py                        # the embedded tiny model, batch 16, 1 thread
-    python benchmarks/bench_sample.py --model ~/.cache/rrhf_fast/smollm2-135m-instruct --prompt-lens 32,128
+    python benchmarks/bench_sample.py --models tiny,smollm2-135m,~/.cache/rrhf_fast/smollm2-135m-instruct
     python benchmarks/bench_sample.py --batch-sizes 4,16 --threads 2
 
 Results: benchmarks/results/<date>-sample-cpu.md and .csv (sample-<gpu> on CUDA), with the machine.
@@ -39,9 +39,18 @@ from report import machine, write_table  # noqa: E402
 from rrhf_fast import generation  # noqa: E402
 
 
+# Random Llamas (the byte tokenizer of rrhf_fast.default_model for the prompts and the stop token).
+SHAPES = {
+    "tiny": None,  # rrhf_fast.default_model.build_model's defaults
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True),
+}  # fmt: skip
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a Hugging Face causal LM directory; default: the embedded tiny model (rrhf_fast.default_model)")
+    p.add_argument("--models", default="tiny", help="comma-separated, each a Hugging Face causal LM directory or a "
+                   "random Llama: tiny (the embedded model, rrhf_fast.default_model) or smollm2-135m (that model's shape)")
     p.add_argument("--queries", type=int, default=16, help="queries a contender decodes per round")
     p.add_argument("--batch-sizes", default="16", help="comma-separated queries a batch for ours and generate")
     p.add_argument("-k", type=int, default=4, help="candidates a query")
@@ -56,6 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="directory for the table (default benchmarks/results)")
     args = p.parse_args(argv)
+    args.models = args.models.split(",")
+    for spec in args.models:
+        if spec not in SHAPES and not os.path.isfile(os.path.join(os.path.expanduser(spec), "config.json")):
+            p.error(f"--models: {spec!r} is neither {' nor '.join(SHAPES)} nor a model directory (no config.json)")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
     if len(args.prompt_lens) != 2 or not 1 <= args.prompt_lens[0] <= args.prompt_lens[1]:
@@ -63,18 +76,26 @@ def parse_args(argv=None):
     return args
 
 
-def load(args):
-    """(model, tokenizer, name) in eval mode on args.device."""
-    if args.model is None:
+def load(spec: str, args):
+    """(model, tokenizer, name) for one --models entry, in eval mode on args.device."""
+    if spec in SHAPES:
         from rrhf_fast.default_model import build_model, build_tokenizer
 
         tokenizer = build_tokenizer()
         model, name = build_model(tokenizer, seed=args.seed), "embedded tiny Llama (hidden 96, 2 layers, vocab 258)"
+        if SHAPES[spec] is not None:
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            torch.manual_seed(args.seed)
+            model = LlamaForCausalLM(LlamaConfig(**SHAPES[spec], eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            name = f"random Llama of {spec}'s shape"
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model, name = AutoModelForCausalLM.from_pretrained(args.model), os.path.basename(os.path.normpath(args.model))
+        path = os.path.expanduser(spec)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, name = AutoModelForCausalLM.from_pretrained(path), os.path.basename(os.path.normpath(path))
     return model.to(args.device, getattr(torch, args.dtype)).eval(), tokenizer, name
 
 
@@ -138,24 +159,27 @@ def time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
 
 def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
-    model, tokenizer, name = load(args)
-    prompts = make_prompts(tokenizer, args)
     rows = []
-    for batch_size in args.batch_sizes:
-        seconds, outputs = time_interleaved(contenders(model, tokenizer, prompts, batch_size, args), args.repeats)
-        differ = sum(a != b for a, b in zip(outputs["ours"], outputs["loop"]))
-        speed = {c: sum(len(r) for q in out for r in q) / seconds[c] for c, out in outputs.items()}
-        for contender in ("ours", "generate", "loop"):
-            tokens = sum(len(r) for q in outputs[contender] for r in q)
-            rows.append({
-                "model": name, "queries": args.queries, "batch": 1 if contender == "loop" else batch_size, "k": args.k,
-                "prompt tokens": f"{args.prompt_lens[0]}-{args.prompt_lens[1]}", "max new": args.max_new_tokens,
-                "contender": contender, "seconds": seconds[contender], "tokens": tokens, "tokens/s": speed[contender],
-                "x generate": speed["ours"] / speed["generate"] if contender == "ours" else "",
-                "x loop": speed["ours"] / speed["loop"] if contender == "ours" else "",
-                "queries unlike loop": differ if contender == "ours" else "",
-            })  # fmt: skip
-            print(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+    for spec in args.models:
+        model, tokenizer, name = load(spec, args)
+        prompts = make_prompts(tokenizer, args)
+        for batch_size in args.batch_sizes:
+            seconds, outputs = time_interleaved(contenders(model, tokenizer, prompts, batch_size, args), args.repeats)
+            differ = sum(a != b for a, b in zip(outputs["ours"], outputs["loop"]))
+            tokens = {c: sum(len(r) for q in out for r in q) for c, out in outputs.items()}
+            speed = {c: tokens[c] / seconds[c] for c in outputs}
+            for contender in ("ours", "generate", "loop"):
+                rows.append({
+                    "model": name, "queries": args.queries, "batch": 1 if contender == "loop" else batch_size,
+                    "k": args.k, "prompt tokens": f"{args.prompt_lens[0]}-{args.prompt_lens[1]}",
+                    "max new": args.max_new_tokens, "contender": contender, "seconds": seconds[contender],
+                    "tokens": tokens[contender], "tokens/s": speed[contender],
+                    "x generate": speed["ours"] / speed["generate"] if contender == "ours" else "",
+                    "x loop": speed["ours"] / speed["loop"] if contender == "ours" else "",
+                    "queries unlike loop": differ if contender == "ours" else "",
+                })  # fmt: skip
+                print(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+        del model
     return rows
 
 

@@ -18,7 +18,7 @@ ARGV = ["--queries", "3", "--batch-sizes", "2", "-k", "2", "--prompt-lens", "1,9
 @pytest.fixture(scope="module")
 def setup():
     args = bench_sample.parse_args(ARGV)
-    model, tokenizer, _ = bench_sample.load(args)
+    model, tokenizer, _ = bench_sample.load("tiny", args)
     prompts = bench_sample.make_prompts(tokenizer, args)
     return args, prompts, bench_sample.contenders(model, tokenizer, prompts, args.batch_sizes[0], args)
 

@@ -172,7 +172,6 @@ def max_positions(model) -> int | None:
     return None
 
 
-@torch.no_grad()
 def generate_candidates(
     model,
     prompts: Sequence[Sequence[int]],
@@ -208,17 +207,23 @@ def generate_candidates(
                 f"prompts: query {position} has {len(prompt)} tokens, the model has {limit} positions; "
                 "shorten it (one position must be left for the answer)"
             )
+    budgets = [max_new_tokens if limit is None else min(max_new_tokens, limit - len(p)) for p in prompts]
+    options = dict(
+        stop_token_ids=stop_token_ids, temperature=temperature, top_p=top_p, diversity_penalty=diversity_penalty,
+        pad_token_id=pad_token_id,
+    )  # fmt: skip
+    return _waves(model, prompts, budgets, positions, k, seed, batch_size, options)  # checked now, decoded lazily
+
+
+@torch.no_grad()
+def _waves(model, prompts, budgets, positions, k, seed, batch_size, options):
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(prompts), batch_size):
-            wave = [list(p) for p in prompts[start : start + batch_size]]
-            budgets = [max_new_tokens if limit is None else min(max_new_tokens, limit - len(p)) for p in wave]
-            generators = [torch.Generator().manual_seed(query_seed(seed, p)) for p in positions[start : start + batch_size]]
-            yield from _decode_wave(
-                model, wave, budgets, generators, k, stop_token_ids=stop_token_ids, temperature=temperature,
-                top_p=top_p, diversity_penalty=diversity_penalty, pad_token_id=pad_token_id,
-            )  # fmt: skip
+            wave = slice(start, start + batch_size)
+            generators = [torch.Generator().manual_seed(query_seed(seed, p)) for p in positions[wave]]
+            yield from _decode_wave(model, prompts[wave], budgets[wave], generators, k, **options)
     finally:
         model.train(was_training)
 

@@ -230,3 +230,9 @@ def test_score_responses_names_the_query_it_fails_on():
     one_score.batched = True
     with pytest.raises(ValueError, match=r"returned 1 scores for 2 responses"):
         generation.score_responses(one_score, ["q"], [["a", "b"]])
+
+
+def test_bad_options_are_refused_before_decoding(model, prompts):
+    """generate_candidates checks its arguments when called, not at the first next() of its iterator."""
+    with pytest.raises(ValueError, match="batch_size"):
+        generation.generate_candidates(model, prompts, 2, max_new_tokens=3, stop_token_ids=[257], batch_size=0)
