@@ -1,6 +1,6 @@
 """Generated tokens/s of rrhf_fast's batched sampler against transformers' generate() and the one-query loop.
 
-The same queries (random ordinary tokens, prompt lengths spread over --prompt-lens), k candidates each, up to
+The same queries (random ordinary tokens, prompt lengths spread over each --prompt-lens range), k candidates each, up to
 --max-new-tokens, temperature / top-p sampling; three contenders, one run:
 
     ours       rrhf_fast.generation.sample_candidates(batch_size=B): B prompts prefilled once (left-padded), the
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--queries", type=int, default=16, help="queries a contender decodes per round")
     p.add_argument("--batch-sizes", default="16", help="comma-separated queries a batch for ours and generate")
     p.add_argument("-k", type=int, default=4, help="candidates a query")
-    p.add_argument("--prompt-lens", default="16,40", help="MIN,MAX prompt tokens (spread evenly over the queries)")
+    p.add_argument("--prompt-lens", default="16-40", help="comma-separated MIN-MAX ranges of prompt tokens (spread evenly over the queries); a range the model has no positions for is skipped")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -70,9 +70,12 @@ def parse_args(argv=None):
         if spec not in SHAPES and not os.path.isfile(os.path.join(os.path.expanduser(spec), "config.json")):
             p.error(f"--models: {spec!r} is neither {' nor '.join(SHAPES)} nor a model directory (no config.json)")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    args.prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
-    if len(args.prompt_lens) != 2 or not 1 <= args.prompt_lens[0] <= args.prompt_lens[1]:
-        p.error("--prompt-lens: expected MIN,MAX with 1 <= MIN <= MAX")
+    try:
+        args.prompt_lens = [tuple(int(n) for n in r.split("-")) for r in args.prompt_lens.split(",")]
+    except ValueError:
+        p.error("--prompt-lens: expected MIN-MAX ranges, e.g. 16-40,64-192")
+    if not all(len(r) == 2 and 1 <= r[0] <= r[1] for r in args.prompt_lens):
+        p.error("--prompt-lens: expected MIN-MAX ranges with 1 <= MIN <= MAX")
     return args
 
 
@@ -99,14 +102,13 @@ def load(spec: str, args):
     return model.to(args.device, getattr(torch, args.dtype)).eval(), tokenizer, name
 
 
-def make_prompts(tokenizer, args) -> list[list[int]]:
-    """args.queries prompts of random ordinary (non-special) tokens, lengths spread evenly over --prompt-lens."""
+def make_prompts(tokenizer, num_queries: int, low: int, high: int, seed: int) -> list[list[int]]:
+    """num_queries prompts of random ordinary (non-special) tokens, lengths spread evenly over low..high."""
     special = set(tokenizer.all_special_ids)
     ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
-    g = torch.Generator().manual_seed(args.seed)
-    low, high = args.prompt_lens
-    lengths = torch.linspace(low, high, args.queries).round().long().tolist()
-    lengths = [lengths[i] for i in torch.randperm(args.queries, generator=g).tolist()]  # lengths mixed in a batch
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.linspace(low, high, num_queries).round().long().tolist()
+    lengths = [lengths[i] for i in torch.randperm(num_queries, generator=g).tolist()]  # lengths mixed in a batch
     return [ordinary[torch.randint(len(ordinary), (n,), generator=g)].tolist() for n in lengths]
 
 
@@ -157,28 +159,40 @@ def time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
     return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
+def measure(model, tokenizer, prompts, batch_size, args, where: dict) -> list[dict]:
+    """The table's three rows (ours, generate, loop) for one workload."""
+    seconds, outputs = time_interleaved(contenders(model, tokenizer, prompts, batch_size, args), args.repeats)
+    differ = sum(a != b for a, b in zip(outputs["ours"], outputs["loop"]))
+    tokens = {c: sum(len(r) for q in out for r in q) for c, out in outputs.items()}
+    speed = {c: tokens[c] / seconds[c] for c in outputs}
+    rows = []
+    for contender in ("ours", "generate", "loop"):
+        rows.append({
+            **where, "queries": args.queries, "batch": 1 if contender == "loop" else batch_size, "k": args.k,
+            "max new": args.max_new_tokens, "contender": contender, "seconds": seconds[contender],
+            "tokens": tokens[contender], "tokens/s": speed[contender],
+            "x generate": speed["ours"] / speed["generate"] if contender == "ours" else "",
+            "x loop": speed["ours"] / speed["loop"] if contender == "ours" else "",
+            "queries unlike loop": differ if contender == "ours" else "",
+        })  # fmt: skip
+        print(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+    return rows
+
+
 def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
-    rows = []
+    rows, args.skipped = [], []
     for spec in args.models:
         model, tokenizer, name = load(spec, args)
-        prompts = make_prompts(tokenizer, args)
-        for batch_size in args.batch_sizes:
-            seconds, outputs = time_interleaved(contenders(model, tokenizer, prompts, batch_size, args), args.repeats)
-            differ = sum(a != b for a, b in zip(outputs["ours"], outputs["loop"]))
-            tokens = {c: sum(len(r) for q in out for r in q) for c, out in outputs.items()}
-            speed = {c: tokens[c] / seconds[c] for c in outputs}
-            for contender in ("ours", "generate", "loop"):
-                rows.append({
-                    "model": name, "queries": args.queries, "batch": 1 if contender == "loop" else batch_size,
-                    "k": args.k, "prompt tokens": f"{args.prompt_lens[0]}-{args.prompt_lens[1]}",
-                    "max new": args.max_new_tokens, "contender": contender, "seconds": seconds[contender],
-                    "tokens": tokens[contender], "tokens/s": speed[contender],
-                    "x generate": speed["ours"] / speed["generate"] if contender == "ours" else "",
-                    "x loop": speed["ours"] / speed["loop"] if contender == "ours" else "",
-                    "queries unlike loop": differ if contender == "ours" else "",
-                })  # fmt: skip
-                print(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()), flush=True)
+        limit = generation.max_positions(model)
+        for low, high in args.prompt_lens:
+            if limit is not None and high + args.max_new_tokens > limit:
+                args.skipped.append(f"{name}: prompts of {low}-{high} tokens skipped, the model has {limit} positions")
+                print(args.skipped[-1], flush=True)
+                continue
+            prompts = make_prompts(tokenizer, args.queries, low, high, args.seed)
+            for batch_size in args.batch_sizes:
+                rows += measure(model, tokenizer, prompts, batch_size, args, {"model": name, "prompt tokens": f"{low}-{high}"})
         del model
     return rows
 
@@ -195,7 +209,8 @@ def main(argv=None) -> Path:
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average (1, 5, 15 min) {load_start} at the start, "
         + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " at the end. `tokens`: generated tokens up to each "
         "row's stop token; `x generate`, `x loop`: ours' tokens/s over the contender's, same run; `queries unlike loop`: "
-        "queries whose tokens from ours differ from the one-query loop's (0 when batching changes no draw)."
+        "queries whose tokens from ours differ from the one-query loop's (0 when batching changes no draw). "
+        + "".join(f"{line}. " for line in args.skipped)
     )  # fmt: skip
     suffix = "cpu" if not args.device.startswith("cuda") else info["device"].lower().replace(" ", "-")
     kwargs = {} if args.out is None else {"out_dir": Path(args.out)}
