@@ -1,0 +1,239 @@
+"""The per-model exactness probe: before the first loss on a model, check that the fused head and the prefix mode
+give what the model itself gives, and fall back, loudly, to a path that does.
+
+The fused head assumes logits = hidden @ W^T + b of the body's last hidden state; each prefix mode assumes a
+candidate's hidden states depend on nothing but its prompt and itself. Neither can be read off a list of
+architectures (softcaps, logit multipliers, output heads of several layers, learned sparse attention that padding
+changes, positions taken from the cache length), so they are measured, on a short batch cut from the real one:
+
+    reference   every candidate after its prompt alone, unpadded, through the model's own forward(...).logits,
+                rrhf_fast.reference.rrhf_loss_from_logits: the loss and the gradient of every trainable parameter
+    head        the fused head (rrhf_loss with the LM head's weight and bias) on the same per-candidate forward;
+                where it differs (or the head is no plain Linear), head = "logits": the model's own logits at the
+                response positions and rrhf_loss_from_logits, right for any model at the cost of [N, V] logits
+    mode        each mode of prefix.candidate_modes in turn (the one asked for, or "auto"'s order) with that head;
+                the first whose loss and gradients match the reference is the plan. "per-candidate" with the
+                model's logits is the reference itself, so there is always one.
+
+A match is: the loss, and every parameter's gradient, within `tolerance(dtype)` relative (a parameter's error is
+measured against at least 1e-3 of the whole gradient's norm: a gradient zero in exact arithmetic, as a key bias's,
+holds only rounding). Gradients, not only the loss: a learnable logit scale leaves the forward equal and gets no
+gradient through the fused head.
+
+The probe batch: two groups taken from the real batch (cycling through it when it has fewer), k = 2 and 3, one
+candidate of a single token, the prompts and the longest candidate of each group `reach(model)` tokens long (longer
+than any sliding window, attention chunk, top-k or convolution the config declares; the real tokens are tiled to
+that length when shorter, cut when longer), so that the logits are the trained model's on real text, not the small
+ones of random tokens. It runs in the caller's dtype (autocast included), with the model in eval mode (dropout off:
+the paths must be compared on the same function), under torch.random.fork_rng, with torch.autograd.grad (no .grad
+is touched): the model's parameters, gradients, train/eval flags and RNG state are as they were.
+
+Cost: one forward and backward per candidate for the reference and for the fused head (5 candidates each), one
+forward and backward of the probe batch per mode tried; about 12 short forwards/backwards, once per model, mode,
+dtype and checkpointing setting.
+"""
+
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from rrhf_fast import prefix, reference
+from rrhf_fast.batch import PackedBatch, pack_batch
+
+# Config fields that bound how far a token's computation reaches back: sliding windows (several spellings), chunked
+# attention, learned top-k key selection, convolution kernels, SSM chunks.
+_REACH_FIELDS = (
+    "sliding_window",
+    "window_size",
+    "attention_window_size",
+    "attention_window",
+    "local_window_size",
+    "attention_chunk_size",
+    "index_topk",
+    "topk_tokens",
+    "conv_kernel",
+    "conv_L_cache",
+    "chunk_size",
+)
+_MIN_REACH = 8
+PROBE_REWARDS = ([1.0, 0.0], [0.0, 2.0, 1.0])  # distinct, so that every pair is ranked
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What model_loss runs on a model: the prefix mode, the head ("fused" or "logits"), and why."""
+
+    mode: str
+    head: str
+    reason: str = ""
+
+
+_PLANS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """The relative error that rounding in `dtype` stays within: 2 sqrt(eps), at least 1e-6.
+
+    float64 1e-6 (its own rounding is 1e-16, but RMSNorm and softmax run in float32 in many models: 1e-7),
+    float32 6.9e-4, float16 6.3e-2, bfloat16 0.18. A softcap, a logit scale or a state leaked from another candidate
+    changes trained-model logits by far more."""
+    return max(1e-6, 2 * torch.finfo(dtype).eps ** 0.5)
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the model computes in: the autocast dtype inside autocast, else its parameters' floating dtype."""
+    device = model.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def reach(model) -> int:
+    """Tokens a probe prompt and its longest candidate take: one past the longest window, chunk or top-k the config
+    declares (at least 8), and no more than a third of the model's positions."""
+    config = prefix._text_config(model)
+    declared = [getattr(config, name, None) for name in _REACH_FIELDS]
+    longest = max([v for v in declared if isinstance(v, int) and not isinstance(v, bool)] + [0])
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    length = max(_MIN_REACH, longest + 1)
+    return min(length, positions // 3) if isinstance(positions, int) and positions >= 3 * _MIN_REACH else length
+
+
+def _tiled(ids: list[int], length: int) -> list[int]:
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+def probe_batch(batch: PackedBatch, length: int) -> PackedBatch:
+    """Two groups cut from `batch`: k = 2 with candidate lengths (length, 1), k = 3 with (length, 3, 2); prompts of
+    `length` tokens. Token ids are the batch's own (group g of the probe takes real group g mod G, candidate i takes
+    real candidate i mod k_g), tiled or cut to the lengths."""
+    batch = batch.to("cpu")
+    prompts, cu_groups, cands = prefix._candidate_lists(batch)
+    shapes = ([length, 1], [length, 3, 2])
+    probe_prompts, probe_cands = [], []
+    for j, lengths in enumerate(shapes):
+        g = j % len(prompts)
+        real = [cands[c].tolist() for c in range(cu_groups[g], cu_groups[g + 1])]
+        probe_prompts.append(_tiled(prompts[g].tolist(), length))
+        probe_cands.append([_tiled(real[i % len(real)], n) for i, n in enumerate(lengths)])
+    return pack_batch(probe_prompts, probe_cands, [list(r) for r in PROBE_REWARDS], pad_token_id=batch.pad_token_id)
+
+
+def _gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    if not params:
+        return []
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+
+
+def _reference(model, batch: PackedBatch, params, loss_options):
+    """Loss and gradients of every candidate after its prompt alone through the model's own logits."""
+    logits = prefix.prefix_forward(model, batch, "per-candidate", head="logits")
+    options = {k: v for k, v in loss_options.items() if k != "backend"}
+    out = reference.rrhf_loss_from_logits(logits, batch.targets, batch.cu_seqlens, batch.rewards, batch.cu_groups, **options)
+    return out.loss.detach(), _gradients(out.loss, params)
+
+
+def _measured(model, batch, params, mode, head, loss_options):
+    out = prefix.batch_loss(model, batch, mode, head, **loss_options)
+    return out.loss.detach(), _gradients(out.loss, params)
+
+
+def _mismatch(result, expected, names, tol) -> str | None:
+    """Why `result` (loss, gradients) is not `expected` to `tol` relative, or None when it is."""
+    (loss, grads), (loss_ref, grads_ref) = result, expected
+    loss_err = float((loss.double() - loss_ref.double()).abs() / loss_ref.double().abs().clamp_min(1e-30))
+    if not loss_err <= tol:
+        return f"its loss is {float(loss):.6g}, the model's own {float(loss_ref):.6g} (relative error {loss_err:.2g})"
+    if not grads_ref:
+        return None
+    norms = torch.stack([g.double().norm() for g in grads_ref])
+    floor = 1e-3 * norms.norm()
+    for name, grad, grad_ref, norm in zip(names, grads, grads_ref, norms):
+        err = float((grad.double() - grad_ref.double()).norm() / torch.maximum(norm, floor).clamp_min(1e-30))
+        if not err <= tol:
+            return f"the gradient of {name} is off by {err:.2g} relative"
+    return None
+
+
+def _restored(model):
+    """Context: eval mode, RNG forked, gradients on; every module's train/eval flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    devices = [model.device] if model.device.type == "cuda" else []
+
+    class _Context:
+        def __enter__(self):
+            self.rng = torch.random.fork_rng(devices=devices)
+            self.rng.__enter__()
+            self.grad = torch.enable_grad()
+            self.grad.__enter__()
+            model.eval()
+
+        def __exit__(self, *exc):
+            for m, training in flags:
+                m.training = training
+            self.grad.__exit__(*exc)
+            return self.rng.__exit__(*exc)
+
+    return _Context()
+
+
+def run_probe(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> Plan:
+    """Probe `model` on a batch cut from `batch` (see the module docstring) and return the Plan: for "auto" the first
+    of prefix.candidate_modes that is exact; for an explicit mode that mode, or a ValueError naming the mode that
+    passed. Not cached: `plan` is."""
+    modes = prefix.candidate_modes(model)  # read before eval mode switches checkpointing off
+    if mode != "auto":
+        try:
+            prefix.resolve_mode(model, mode)
+        except ValueError as err:
+            passing = run_probe(model, batch, "auto", **loss_options)
+            raise ValueError(f'{err} On this model mode="{passing.mode}" passes the exactness check.') from None
+    tol = tolerance(compute_dtype(model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    small = probe_batch(batch, reach(model)).to(model.device)
+    with _restored(model):
+        expected = _reference(model, small, params, loss_options)
+        head, reason = "fused", ""
+        try:
+            prefix.lm_head(model)
+            why = _mismatch(_measured(model, small, params, "per-candidate", "fused", loss_options), expected, names, tol)
+        except ValueError as err:
+            why = str(err)
+        if why is not None:
+            head, reason = "logits", f"the fused LM head is not the model's own: {why}; the model's logits are used"
+        failures = []
+        for candidate in modes if mode == "auto" else [mode] + [m for m in modes if m != mode]:
+            try:
+                why = _mismatch(_measured(model, small, params, candidate, head, loss_options), expected, names, tol)
+            except (ValueError, TypeError, AttributeError, RuntimeError, IndexError, NotImplementedError) as err:
+                why = f"it failed with {type(err).__name__}: {err}"
+            if why is None:
+                break
+            failures.append(f'mode="{candidate}" is not exact ({why})')
+    if mode != "auto" and failures and failures[0].startswith(f'mode="{mode}"'):
+        raise ValueError(
+            f'{type(model).__name__}: {failures[0]}. mode="{candidate}" passes the exactness check: use it (or "auto").'
+        )
+    reason = "; ".join([r for r in [reason] + failures if r])
+    return Plan(candidate, head, reason)
+
+
+def plan(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> Plan:
+    """The Plan for `model` in `mode`, probed at the first call for this model, mode, compute dtype and
+    checkpointing setting, and cached (weakly, on the model) after. When it is not the first choice (another mode
+    than resolve_mode's, or the model's own logits), it says so once, as a warning on stderr."""
+    if mode not in prefix.MODES:
+        raise ValueError(f"mode must be one of {prefix.MODES}, got {mode!r}")
+    key = (mode, compute_dtype(model), prefix._is_checkpointing(model), loss_options.get("backend", "auto"))
+    plans = _PLANS.setdefault(model, {})
+    if key not in plans:
+        plans[key] = run_probe(model, batch, mode, **loss_options)
+        if plans[key].reason:
+            chosen = plans[key]
+            head = "the fused head" if chosen.head == "fused" else "the model's own logits"
+            warnings.warn(f'rrhf_fast: {type(model).__name__} runs mode="{chosen.mode}" with {head}: {chosen.reason}', stacklevel=3)
+    return plans[key]
