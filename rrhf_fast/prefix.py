@@ -227,30 +227,43 @@ def resolve_mode(model, mode: str = "auto") -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     modes = candidate_modes(model)
-    if mode == "auto" or mode in modes:
-        return modes[0] if mode == "auto" else mode
-    instead = f'mode="{modes[0]}"'
+    if mode == "auto":
+        return modes[0]
+    problem = refusal(model, mode)
+    if problem is not None:
+        # A state along the sequence rarely has a cache that can be repeated over candidates; right padding, which
+        # comes after every real token, cannot reach it.
+        instead = "none" if sequence_state(model) is not None else modes[0]
+        raise ValueError(f'{problem} Use mode="{instead}".')
+    return mode
+
+
+def refusal(model, mode: str) -> str | None:
+    """Why `mode` cannot run on this model as it is now (one sentence, without the mode to use instead), or None
+    when it can."""
+    if mode in candidate_modes(model):
+        return None
     if mode == "kv-cache":
-        raise ValueError(
+        return (
             'mode="kv-cache" cannot run under gradient checkpointing: transformers drops the cache inside checkpointed '
-            f"layers, so the candidates would not see their prompt. Use {instead}."
+            "layers, so the candidates would not see their prompt."
         )
     state, positions_problem = sequence_state(model), _packed_positions_problem(model)
     if state is not None:
-        raise ValueError(
+        return (
             f'mode="packed" puts the candidates of a group in one row, but {type(model).__name__} carries a state along '
-            f"the sequence ({state}), which would run from one candidate into the next. Use {instead}."
+            f"the sequence ({state}), which would run from one candidate into the next."
         )
     if positions_problem is not None:
-        raise ValueError(
+        return (
             f'mode="packed" restarts the position ids of every candidate, but {type(model).__name__} cannot take '
-            f"them: {positions_problem}. Use {instead}."
+            f"them: {positions_problem}."
         )
     impl = _attn_implementation(model)
     where = f" on {model.device.type}" if impl == "flex_attention" else ""
-    raise ValueError(
+    return (
         f'mode="packed" needs attention that takes a prepared mask (sdpa, eager, or flex_attention on CUDA); this '
-        f'model uses {impl}{where}. Use {instead}, or load the model with attn_implementation="sdpa".'
+        f'model uses {impl}{where} (load the model with attn_implementation="sdpa" for it).'
     )
 
 

@@ -185,12 +185,9 @@ def run_probe(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> 
     of prefix.candidate_modes that is exact; for an explicit mode that mode, or a ValueError naming the mode that
     passed. Not cached: `plan` is."""
     modes = prefix.candidate_modes(model)  # read before eval mode switches checkpointing off
-    if mode != "auto":
-        try:
-            prefix.resolve_mode(model, mode)
-        except ValueError as err:
-            passing = run_probe(model, batch, "auto", **loss_options)
-            raise ValueError(f'{err} On this model mode="{passing.mode}" passes the exactness check.') from None
+    if mode != "auto" and (problem := prefix.refusal(model, mode)) is not None:
+        passing = run_probe(model, batch, "auto", **loss_options)
+        raise ValueError(f'{problem} mode="{passing.mode}" passes the exactness check on this model: use it (or "auto").')
     tol = tolerance(compute_dtype(model))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
@@ -223,12 +220,13 @@ def run_probe(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> 
 
 
 def plan(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> Plan:
-    """The Plan for `model` in `mode`, probed at the first call for this model, mode, compute dtype and
-    checkpointing setting, and cached (weakly, on the model) after. When it is not the first choice (another mode
+    """The Plan for `model` in `mode`, probed at the first call for this model, mode, compute dtype, checkpointing
+    setting, loss backend and number of trainable parameters, and cached (weakly, on the model) after. When it is not the first choice (another mode
     than resolve_mode's, or the model's own logits), it says so once, as a warning on stderr."""
     if mode not in prefix.MODES:
         raise ValueError(f"mode must be one of {prefix.MODES}, got {mode!r}")
-    key = (mode, compute_dtype(model), prefix._is_checkpointing(model), loss_options.get("backend", "auto"))
+    trainable = sum(p.requires_grad for p in model.parameters())
+    key = (mode, compute_dtype(model), prefix._is_checkpointing(model), loss_options.get("backend", "auto"), trainable)
     plans = _PLANS.setdefault(model, {})
     if key not in plans:
         plans[key] = run_probe(model, batch, mode, **loss_options)

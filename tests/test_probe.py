@@ -225,9 +225,9 @@ def test_state_along_the_sequence_excludes_packed_and_falls_back(build):
     """A convolution / SSM layer: packed is refused before any forward (naming the mode to use); kv-cache cannot
     repeat such a cache; auto says so once and runs an exact mode; asking for packed names the one that passes."""
     model, batch = build(), real_batch(3)
-    with pytest.raises(ValueError, match='carries a state along the sequence.*Use mode="kv-cache"'):
+    with pytest.raises(ValueError, match='carries a state along the sequence.*Use mode="none"'):
         resolve_mode(model, "packed")
-    with pytest.raises(ValueError, match='mode="none" passes the exactness check'):
+    with pytest.raises(ValueError, match=r'into the next\. mode="none" passes the exactness check'):
         model_loss(model, batch, mode="packed", **LOSS_OPTIONS)
     with pytest.raises(ValueError, match='mode="kv-cache" is not exact.*mode="none" passes'):
         model_loss(model, batch, mode="kv-cache", **LOSS_OPTIONS)
