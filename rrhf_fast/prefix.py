@@ -163,10 +163,13 @@ def _sliding_windows(config) -> tuple[int | None, bool]:
 
 
 # Layer kinds whose state runs along the sequence, as configs list them (layer_types, layers_block_type,
-# block_types) and as modules are named (Mamba's mixer, Lfm2's short convolution, Qwen3-Next's gated delta net,
-# RecurrentGemma's RG-LRU, lightning / linear attention, RWKV, xLSTM).
-_SEQUENCE_STATE = re.compile(r"mamba|mixer|conv|recurren|rglru|rnn|delta|linear_?attention|lightning|rwkv|ssm|lstm|retention", re.I)
+# block_types) and as modules are named (Mamba's mixer, Qwen3-Next's gated delta net, RecurrentGemma's RG-LRU,
+# lightning / linear attention, RWKV, xLSTM); short convolutions are found as torch.nn.Conv1d.
+_SEQUENCE_STATE = re.compile(r"mamba|mixer|recurren|rglru|rnn|delta|linear_?attention|lightning|rwkv|ssm|lstm|retention", re.I)
+_SEQUENCE_STATE_LAYERS = re.compile(_SEQUENCE_STATE.pattern + r"|conv", re.I)
 _LAYER_LISTS = ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern")
+# Towers of a multimodal model that encode an image or a sound before the decoder sees it: not along the text.
+_ENCODER_TOWERS = re.compile(r"vision|visual|image|audio|speech|patch", re.I)
 
 
 def _text_config(model):
@@ -182,17 +185,18 @@ def sequence_state(model) -> str | None:
     for name in _LAYER_LISTS:
         kinds = getattr(config, name, None)
         kinds = list(kinds) if isinstance(kinds, (list, tuple)) else []
-        stateful = sorted({str(k) for k in kinds if _SEQUENCE_STATE.search(str(k))})
+        stateful = sorted({str(k) for k in kinds if _SEQUENCE_STATE_LAYERS.search(str(k))})
         if stateful:
             return f"its config lists {', '.join(map(repr, stateful))} layers ({name})"
     if isinstance(getattr(config, "hybrid_override_pattern", None), str) and "M" in config.hybrid_override_pattern:
         return f"its config lists Mamba layers (hybrid_override_pattern={config.hybrid_override_pattern!r})"
     for name, module in _body(model).named_modules():
+        if _ENCODER_TOWERS.search(name):
+            continue
         if isinstance(module, torch.nn.Conv1d) and module.kernel_size[0] > 1:
             return f"{name} is a convolution along the sequence (kernel {module.kernel_size[0]})"
-        kind = type(module).__name__
-        if _SEQUENCE_STATE.search(kind) and not kind.lower().startswith("conv1d"):  # GPT-2's Conv1D is a Linear
-            return f"{name} is a {kind}"
+        if _SEQUENCE_STATE.search(type(module).__name__):
+            return f"{name or 'its body'} is a {type(module).__name__}"
     return None
 
 

@@ -24,8 +24,8 @@ from transformers import (
 
 from rrhf_fast import probe, reference
 from rrhf_fast.batch import pack_batch
-from rrhf_fast.prefix import model_loss, resolve_mode
-from test_prefix import VOCAB, one_thread, random_groups  # noqa: F401  (one_thread: an autouse fixture)
+from rrhf_fast.prefix import model_loss, resolve_mode, sequence_state
+from test_prefix import VOCAB, make_model, one_thread, random_groups  # noqa: F401  (one_thread: an autouse fixture)
 
 RTOL = 1e-6
 LOSS_OPTIONS = dict(margin=0.05, sft_weight=0.7)
@@ -235,6 +235,19 @@ def test_state_along_the_sequence_excludes_packed_and_falls_back(build):
         plan = probe.plan(model, batch, **LOSS_OPTIONS)
     assert plan == probe.Plan("none", "fused", plan.reason)
     assert_exact(through_model_loss(model, batch), reencoded(model, batch))
+
+
+def test_sequence_state_from_config_and_modules():
+    """Config layer kinds and module types; GPT-2's Conv1D (a Linear) and a vision tower's convolution are not
+    along the text."""
+    assert sequence_state(llama()) is None and sequence_state(make_model("gpt2")) is None
+    assert "'conv' layers (layer_types)" in sequence_state(lfm2())
+    assert "'linear_attention' layers" in sequence_state(mamba())
+    model = llama()
+    model.model.vision_tower = torch.nn.Conv1d(3, 3, 4)
+    assert sequence_state(model) is None
+    model.model.layers[1].short_conv = torch.nn.Conv1d(32, 32, 3, groups=32)
+    assert sequence_state(model) == "layers.1.short_conv is a convolution along the sequence (kernel 3)"
 
 
 def test_padding_sensitive_model_falls_back_to_one_candidate_a_forward():
