@@ -42,10 +42,11 @@ HEADS = ("fused", "logits")
 # Attention implementations that take the packed mask, and the form it takes for each.
 _PACKED_MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
-# Config or model attributes that make the logits more than `hidden @ W^T + b` (Gemma 2/3 softcapping, Cohere's
-# logit_scale, Granite's logits_scaling, output_multiplier); a fused head loss would silently drop them.
-_LOGIT_SOFTCAPS = ("final_logit_softcapping", "logit_softcap")
-_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier")
+# Config or model attributes that make the logits more than `hidden @ W^T + b` (Gemma 2/3 softcapping,
+# RecurrentGemma's logits_soft_cap, Cohere's logit_scale, Granite's logits_scaling, muP multipliers); a fused head
+# loss would silently drop them. The probe (rrhf_fast.probe) catches the ones this list does not name.
+_LOGIT_SOFTCAPS = ("final_logit_softcapping", "logit_softcap", "logits_soft_cap")
+_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
 
 
 def _transformers_model(model) -> torch.nn.Module:
@@ -118,6 +119,13 @@ def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
                     "final hidden state, so the fused head loss would be wrong. Compute logits = model(...).logits for "
                     "the response tokens and use rrhf_fast.rrhf_loss_from_logits instead."
                 )
+    unpadded = getattr(config, "unpadded_vocab_size", None)
+    if unpadded is not None and unpadded != config.vocab_size:
+        raise ValueError(
+            f"{type(model).__name__} keeps only the first unpadded_vocab_size={unpadded} of its {config.vocab_size} "
+            "logits, so the fused head loss would normalise over the padding too; compute logits = model(...).logits "
+            "for the response tokens and use rrhf_fast.rrhf_loss_from_logits instead"
+        )
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(

@@ -356,7 +356,11 @@ def test_modes_that_cannot_serve_say_which_to_use():
         resolve_mode(model, "packed")
 
 
-@pytest.mark.parametrize("field, value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625), ("logits_scaling", 8.0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("final_logit_softcapping", 30.0), ("logits_soft_cap", 30.0), ("logit_scale", 0.0625), ("logits_scaling", 8.0),
+     ("lm_head_multiplier", 0.5), ("unpadded_vocab_size", VOCAB - 3)],
+)  # fmt: skip
 def test_nonlinear_heads_are_refused_by_lm_head_and_model_loss_uses_the_logits(field, value):
     """lm_head refuses a head it knows to be more than a Linear; model_loss then takes the model's own logits (this
     Llama ignores the field, so they equal the fused head's) and says so."""
