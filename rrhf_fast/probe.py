@@ -22,7 +22,8 @@ holds only rounding). Gradients, not only the loss: a learnable logit scale leav
 gradient through the fused head.
 
 The probe batch: two groups taken from the real batch (cycling through it when it has fewer), k = 2 and 3, one
-candidate of a single token, the prompts and the longest candidate of each group `reach(model)` tokens long (longer
+candidate of a single token, prompts of two lengths, the prompts and the longest candidate of each group at least
+`reach(model)` tokens long (longer
 than any sliding window, attention chunk, top-k or convolution the config declares; the real tokens are tiled to
 that length when shorter, cut when longer), so that the logits are the trained model's on real text, not the small
 ones of random tokens. It runs in the caller's dtype (autocast included), with the model in eval mode (dropout off:
@@ -96,14 +97,14 @@ def compute_dtype(model) -> torch.dtype:
 
 
 def reach(model) -> int:
-    """Tokens a probe prompt and its longest candidate take: one past the longest window, chunk or top-k the config
-    declares (at least 8), and no more than a third of the model's positions."""
+    """Tokens a probe prompt and its longest candidate take at least: one past the longest window, chunk or top-k the
+    config declares (at least 8), and no more than a third of the model's positions less 3."""
     config = prefix._text_config(model)
     declared = [getattr(config, name, None) for name in _REACH_FIELDS]
     longest = max([v for v in declared if isinstance(v, int) and not isinstance(v, bool)] + [0])
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     length = max(_MIN_REACH, longest + 1)
-    return min(length, positions // 3) if isinstance(positions, int) and positions >= 3 * _MIN_REACH else length
+    return min(length, positions // 3 - 3) if isinstance(positions, int) and positions >= 3 * _MIN_REACH + 9 else length
 
 
 def _tiled(ids: list[int], length: int) -> list[int]:
@@ -111,17 +112,19 @@ def _tiled(ids: list[int], length: int) -> list[int]:
 
 
 def probe_batch(batch: PackedBatch, length: int) -> PackedBatch:
-    """Two groups cut from `batch`: k = 2 with candidate lengths (length, 1), k = 3 with (length, 3, 2); prompts of
-    `length` tokens. Token ids are the batch's own (group g of the probe takes real group g mod G, candidate i takes
-    real candidate i mod k_g), tiled or cut to the lengths."""
+    """Two groups cut from `batch`: a prompt of `length` tokens and k = 2 candidates of (length, 1) tokens, a prompt
+    of length + 3 and k = 3 candidates of (length, 3, 2). Prompts of different lengths leave a gap of padding between
+    the shorter prompt and its candidates where prompts are batched (a window or ALiBi that counts cache slots sees
+    it). Token ids are the batch's own (probe group g takes real group g mod G, candidate i takes real candidate
+    i mod k_g), tiled or cut to the lengths."""
     batch = batch.to("cpu")
     prompts, cu_groups, cands = prefix._candidate_lists(batch)
-    shapes = ([length, 1], [length, 3, 2])
+    shapes = ((length, [length, 1]), (length + 3, [length, 3, 2]))
     probe_prompts, probe_cands = [], []
-    for j, lengths in enumerate(shapes):
+    for j, (prompt_length, lengths) in enumerate(shapes):
         g = j % len(prompts)
         real = [cands[c].tolist() for c in range(cu_groups[g], cu_groups[g + 1])]
-        probe_prompts.append(_tiled(prompts[g].tolist(), length))
+        probe_prompts.append(_tiled(prompts[g].tolist(), prompt_length))
         probe_cands.append([_tiled(real[i % len(real)], n) for i, n in enumerate(lengths)])
     return pack_batch(probe_prompts, probe_cands, [list(r) for r in PROBE_REWARDS], pad_token_id=batch.pad_token_id)
 

@@ -14,6 +14,8 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     Lfm2Config,
@@ -186,15 +188,16 @@ def test_the_probe_runs_once_per_model_and_mode(monkeypatch):
 
 
 def test_probe_batch_is_cut_from_the_real_tokens_and_crosses_the_windows():
-    """Two groups, k = 2 and 3, one candidate of a single token, prompts and longest candidates of reach tokens
-    (one past Gemma 2's window of 3 would be 4: at least 8), every id one of the real batch's."""
+    """Two groups, k = 2 and 3, one candidate of a single token, prompts of two lengths, prompts and longest
+    candidates of at least reach tokens (one past Gemma 2's window of 3 would be 4: at least 8), every id one of
+    the real batch's."""
     batch = real_batch()
     assert probe.reach(gemma2_softcapped()) == 8
     assert probe.reach(llama(sliding_window=20)) == 21
     small = probe.probe_batch(batch, 11)
     assert small.cu_groups.tolist() == [0, 2, 5]
     assert small.candidate_lengths.tolist() == [11, 1, 11, 3, 2]
-    assert small.prompt_lengths.tolist() == [11, 11]
+    assert small.prompt_lengths.tolist() == [11, 14]
     assert set(small.input_ids.unique().tolist()) <= set(batch.input_ids.unique().tolist())
     first_prompt = batch.input_ids[0, : int(batch.prompt_lengths[0])].tolist()
     assert small.input_ids[0, :11].tolist() == (first_prompt * 11)[:11]
@@ -258,6 +261,23 @@ def test_padding_sensitive_model_falls_back_to_one_candidate_a_forward():
         plan = probe.plan(model, batch, **LOSS_OPTIONS)
     assert plan.mode == "per-candidate" and plan.head == "fused"
     assert all(f'mode="{m}" is not exact' in str(caught[0].message) for m in ("kv-cache", "packed", "none"))
+    assert_exact(through_model_loss(model, batch), reencoded(model, batch))
+
+
+def test_window_under_another_name_is_caught_where_prompts_differ_in_length():
+    """GPT-Neo's local layers hold their window as window_size: the batched cache's gap between a short prompt and
+    its candidates counts against it, and the packed mask does not know it. The probe's prompts of two lengths
+    show both; auto falls back to re-encoding, which is exact."""
+    torch.manual_seed(0)
+    config = GPTNeoConfig(
+        vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=4, max_position_embeddings=64, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0,
+    )  # fmt: skip
+    model, batch = GPTNeoForCausalLM(config).double().eval(), real_batch(6)
+    with pytest.raises(ValueError, match='mode="kv-cache" is not exact.*mode="none" passes'):
+        model_loss(model, batch, mode="kv-cache", **LOSS_OPTIONS)
+    with pytest.warns(UserWarning, match='runs mode="none"'):
+        assert probe.plan(model, batch, **LOSS_OPTIONS).mode == "none"
     assert_exact(through_model_loss(model, batch), reencoded(model, batch))
 
 
