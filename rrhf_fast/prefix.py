@@ -11,7 +11,8 @@ Re-encoding costs k(P + R) tokens of the model body per group; sharing the promp
     "kv-cache"  the prompts once with use_cache=True, the cache rows repeated for the k candidates of each, the
                 right-padded candidates run against it with a padding mask over the prompts' padding; gradients flow
                 through the cache. Works with any attention implementation that supports a cache and padding.
-                (Models with a sliding window shorter than P + R run one group at a time, without padding.)
+                (Models with a window, chunk or top-k shorter than P + R, models without position_ids and models
+                with a state along the sequence run one group at a time, without padding.)
     "none"      every candidate re-encoded after its prompt, right-padded, in one pass: the original RRHF code's
                 way, and the baseline for tests and benchmarks.
     "per-candidate"  every candidate re-encoded after its prompt alone, one forward each, unpadded: the slowest, and
@@ -178,6 +179,28 @@ _SEQUENCE_STATE_LAYERS = re.compile(_SEQUENCE_STATE.pattern + r"|conv", re.I)
 _LAYER_LISTS = ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern")
 # Towers of a multimodal model that encode an image or a sound before the decoder sees it: not along the text.
 _ENCODER_TOWERS = re.compile(r"vision|visual|image|audio|speech|patch", re.I)
+
+
+# Config fields that bound how far back a token attends: sliding windows under several names (GPT-Neo's local
+# layers hold window_size), Llama 4's attention chunks, DeepSeek-V3.2-style learned top-k keys.
+WINDOW_FIELDS = (
+    "sliding_window",
+    "window_size",
+    "attention_window_size",
+    "attention_window",
+    "local_window_size",
+    "attention_chunk_size",
+    "index_topk",
+    "topk_tokens",
+)
+
+
+def declared_window(model) -> int | None:
+    """The shortest window, chunk or top-k the model's config declares, or None."""
+    config = _text_config(model)
+    values = [getattr(config, name, None) for name in WINDOW_FIELDS]
+    values = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(values) if values else None
 
 
 def _text_config(model):
@@ -406,11 +429,17 @@ def _forward_kv_cache(model, batch: PackedBatch, head: str) -> torch.Tensor:
     """All prompts in one pass, right-padded to P_max; the cache rows picked for every candidate; all candidates,
     right-padded to R_max, in a second pass. A [C, P_max + R_max] padding mask hides the gap between a short prompt
     and its candidates, so each candidate sees its own prompt's P_g tokens and then itself."""
-    window, _ = _sliding_windows(model.config)
+    window = declared_window(model)
     prompt_width, cand_width = int(batch.prompt_lengths.max()), int(batch.candidate_lengths.max())
-    if sequence_state(model) is not None or (window is not None and prompt_width + cand_width > window):
-        # A sliding window counts cache slots, gap included, and the cache keeps only the last window - 1 of them;
-        # a recurrent state would run over the prompt's padding: run each group on its own so that there is no gap.
+    gap = int(batch.prompt_lengths.min()) < prompt_width
+    if (
+        sequence_state(model) is not None
+        or (window is not None and prompt_width + cand_width > window)
+        or (gap and _packed_positions_problem(model) is not None)
+    ):
+        # A sliding window (or attention chunk, or learned top-k) counts cache slots, gap included, and the cache
+        # keeps only the last window - 1 of them; a model without position_ids takes its positions from the cache
+        # length; a recurrent state would run over the prompt's padding: run each group on its own, with no gap.
         return _forward_kv_cache_per_group(model, batch, head)
     prompts, cu_groups, cands = _candidate_lists(batch)
     num_groups, num_cands, device = len(prompts), len(cands), batch.targets.device

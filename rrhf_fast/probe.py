@@ -48,21 +48,9 @@ import torch
 from rrhf_fast import prefix, reference
 from rrhf_fast.batch import PackedBatch, pack_batch
 
-# Config fields that bound how far a token's computation reaches back: sliding windows (several spellings), chunked
-# attention, learned top-k key selection, convolution kernels, SSM chunks.
-_REACH_FIELDS = (
-    "sliding_window",
-    "window_size",
-    "attention_window_size",
-    "attention_window",
-    "local_window_size",
-    "attention_chunk_size",
-    "index_topk",
-    "topk_tokens",
-    "conv_kernel",
-    "conv_L_cache",
-    "chunk_size",
-)
+# Config fields that bound how far a token's computation reaches back: prefix.WINDOW_FIELDS (windows, chunks,
+# learned top-k) and convolution kernels and SSM chunks.
+_REACH_FIELDS = prefix.WINDOW_FIELDS + ("conv_kernel", "conv_L_cache", "chunk_size")
 _MIN_REACH = 8
 PROBE_REWARDS = ([1.0, 0.0], [0.0, 2.0, 1.0])  # distinct, so that every pair is ranked
 

@@ -264,20 +264,19 @@ def test_padding_sensitive_model_falls_back_to_one_candidate_a_forward():
     assert_exact(through_model_loss(model, batch), reencoded(model, batch))
 
 
-def test_window_under_another_name_is_caught_where_prompts_differ_in_length():
-    """GPT-Neo's local layers hold their window as window_size: the batched cache's gap between a short prompt and
-    its candidates counts against it, and the packed mask does not know it. The probe's prompts of two lengths
-    show both; auto falls back to re-encoding, which is exact."""
+def test_window_under_another_name():
+    """GPT-Neo's local layers hold their window as window_size. The packed mask does not know it: the probe finds
+    packed wrong. kv-cache runs such a model one group at a time (a batched cache's gap between a short prompt and
+    its candidates would count against the window) and is exact."""
     torch.manual_seed(0)
     config = GPTNeoConfig(
         vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
         window_size=4, max_position_embeddings=64, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0,
     )  # fmt: skip
     model, batch = GPTNeoForCausalLM(config).double().eval(), real_batch(6)
-    with pytest.raises(ValueError, match='mode="kv-cache" is not exact.*mode="none" passes'):
-        model_loss(model, batch, mode="kv-cache", **LOSS_OPTIONS)
-    with pytest.warns(UserWarning, match='runs mode="none"'):
-        assert probe.plan(model, batch, **LOSS_OPTIONS).mode == "none"
+    with pytest.raises(ValueError, match='mode="packed" is not exact.*mode="kv-cache" passes'):
+        model_loss(model, batch, mode="packed", **LOSS_OPTIONS)
+    assert probe.plan(model, batch, **LOSS_OPTIONS) == probe.Plan("kv-cache", "fused")
     assert_exact(through_model_loss(model, batch), reencoded(model, batch))
 
 
