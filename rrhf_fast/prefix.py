@@ -31,6 +31,7 @@ positions are taken (for heads that are more than `hidden @ W^T + b`: softcaps, 
 
 import inspect
 import re
+import weakref
 
 import torch
 
@@ -208,10 +209,20 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+_SEQUENCE_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str | None]]" = weakref.WeakKeyDictionary()
+
+
 def sequence_state(model) -> str | None:
     """What in the model carries a state along the sequence (a recurrent, linear-attention or convolution layer),
     or None for a model of attention layers only. Such a layer reads every earlier token of a row, so in a packed
-    row one candidate's tokens reach the next candidate: "packed" is wrong by construction."""
+    row one candidate's tokens reach the next candidate: "packed" is wrong by construction. Read once per model
+    (every forward asks)."""
+    if model not in _SEQUENCE_STATES:
+        _SEQUENCE_STATES[model] = (_find_sequence_state(model),)
+    return _SEQUENCE_STATES[model][0]
+
+
+def _find_sequence_state(model) -> str | None:
     config = _text_config(model)
     for name in _LAYER_LISTS:
         kinds = getattr(config, name, None)

@@ -246,9 +246,10 @@ def test_sequence_state_from_config_and_modules():
     assert sequence_state(llama()) is None and sequence_state(make_model("gpt2")) is None
     assert "'conv' layers (layer_types)" in sequence_state(lfm2())
     assert "'linear_attention' layers" in sequence_state(mamba())
-    model = llama()
+    model = llama()  # read once per model: each case on a fresh one
     model.model.vision_tower = torch.nn.Conv1d(3, 3, 4)
     assert sequence_state(model) is None
+    model = llama()
     model.model.layers[1].short_conv = torch.nn.Conv1d(32, 32, 3, groups=32)
     assert sequence_state(model) == "layers.1.short_conv is a convolution along the sequence (kernel 3)"
 
