@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from rrhf_fast import prefix, reference
-from rrhf_fast.batch import PackedBatch, pack_batch
+from rrhf_fast.batch import PackedBatch, check_vocabulary, pack_batch
 
 # Config fields that bound how far a token's computation reaches back: prefix.WINDOW_FIELDS (windows, chunks,
 # learned top-k) and convolution kernels and SSM chunks.
@@ -192,6 +192,8 @@ def run_probe(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> 
     """Probe `model` on a batch cut from `batch` (see the module docstring) and return the Plan: for "auto" the first
     of prefix.candidate_modes that is exact; for an explicit mode that mode, or a ValueError naming the mode that
     passed. Not cached: `plan` is."""
+    # Ids past the vocabulary named where they are in the real batch, not in the probe's cut of it.
+    check_vocabulary(batch, model.get_input_embeddings().num_embeddings)
     modes = prefix.candidate_modes(model)  # read before eval mode switches checkpointing off
     if mode != "auto" and (problem := prefix.refusal(model, mode)) is not None:
         passing = run_probe(model, batch, "auto", **loss_options)

@@ -228,8 +228,9 @@ def test_unknown_head_is_refused():
 
 def test_token_past_the_vocabulary_names_group_and_position():
     model = make_model("llama", "sdpa")
-    with pytest.raises(ValueError, match=f"candidate 1 of group 1 holds token id {VOCAB} at position 2"):
-        model_loss(model, pack_batch([[1], [2, 3]], [[[4]], [[5], [6, 7, VOCAB]]], [[0.0], [0.0, 1.0]]))
+    # One group: the probe's second group is this one again, so the position must be read in the real batch.
+    with pytest.raises(ValueError, match=f"candidate 2 of group 0 holds token id {VOCAB} at position 1"):
+        model_loss(model, pack_batch([[1, 2]], [[[4], [5, 6], [7, VOCAB]]], [[0.0, 1.0, 2.0]]))
     with pytest.raises(ValueError, match=f"prompt of group 0 holds token id {VOCAB + 5} at position 1"):
         prefix_forward(model, pack_batch([[1, VOCAB + 5]], [[[4]]], [[0.0]]), "none")
 
