@@ -19,6 +19,7 @@ last token for a candidate's first token (shared by the k candidates of the grou
 
 from dataclasses import dataclass, fields, replace
 from math import isfinite
+from numbers import Integral, Real
 
 import torch
 
@@ -84,6 +85,25 @@ class PackedBatch:
         return replace(self, **{name: t.to(device) for name, t in tensors.items()})
 
 
+def _bad_token(ids) -> tuple[int, object] | None:
+    """(position, value) of the first entry of `ids` that is not a non-negative integer token id, or None."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            return 0, f"a {ids.dtype} tensor"
+        negative = (ids < 0).nonzero()
+        return (int(negative[0, 0]), int(ids[negative[0, 0]])) if negative.numel() else None
+    for t, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, Integral) or token < 0:
+            return t, repr(token)
+    return None
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
 def _check_groups(prompts, candidates, rewards) -> None:
     """Errors at the boundary, each saying what to change."""
     if not (len(prompts) == len(candidates) == len(rewards)):
@@ -99,6 +119,10 @@ def _check_groups(prompts, candidates, rewards) -> None:
                 f"group {g} has an empty prompt; the first response token needs a prompt token to predict it "
                 "(prepend a BOS token or a chat-template prefix)"
             )
+        if (bad := _bad_token(prompt)) is not None:
+            raise ValueError(
+                f"the prompt of group {g} holds {bad[1]} at position {bad[0]}; token ids are non-negative integers"
+            )
         if len(cands) == 0:
             raise ValueError(f"group {g} has no candidates; give each group at least one candidate")
         if len(cands) != len(rews):
@@ -106,9 +130,40 @@ def _check_groups(prompts, candidates, rewards) -> None:
         for i, cand in enumerate(cands):
             if len(cand) == 0:
                 raise ValueError(f"candidate {i} of group {g} is empty; drop it or give it at least one token (e.g. EOS)")
+            if (bad := _bad_token(cand)) is not None:
+                raise ValueError(
+                    f"candidate {i} of group {g} holds {bad[1]} at position {bad[0]}; token ids are non-negative integers"
+                )
         for i, r in enumerate(rews):
+            if not _is_number(r):
+                raise ValueError(f"reward {i} of group {g} is {r!r}, not a number; rewards must be finite numbers")
             if not isfinite(float(r)):
                 raise ValueError(f"reward {i} of group {g} is {r}; rewards must be finite numbers")
+
+
+def check_vocabulary(batch: PackedBatch, vocab_size: int) -> None:
+    """ValueError naming the group and position of the first token id past a vocabulary of `vocab_size` (the
+    model's embedding would raise an IndexError from deep inside its forward)."""
+    if batch.pad_token_id >= vocab_size:
+        raise ValueError(f"pad_token_id {batch.pad_token_id} is past the model's vocabulary of {vocab_size} tokens")
+    if int(batch.input_ids.max()) < vocab_size:
+        return
+    for g, (start, plen) in enumerate(zip(batch.prompt_starts.tolist(), batch.prompt_lengths.tolist())):
+        prompt = batch.input_ids.reshape(-1)[start : start + plen]
+        if int(prompt.max()) >= vocab_size:
+            t = int((prompt >= vocab_size).nonzero()[0, 0])
+            raise ValueError(
+                f"the prompt of group {g} holds token id {int(prompt[t])} at position {t}, past the model's vocabulary "
+                f"of {vocab_size} tokens; tokenize with the model's own tokenizer"
+            )
+    n = int((batch.targets >= vocab_size).nonzero()[0, 0])
+    c = int(torch.searchsorted(batch.cu_seqlens, n, right=True)) - 1
+    g = int(torch.searchsorted(batch.cu_groups, c, right=True)) - 1
+    raise ValueError(
+        f"candidate {c - int(batch.cu_groups[g])} of group {g} holds token id {int(batch.targets[n])} at position "
+        f"{n - int(batch.cu_seqlens[c])}, past the model's vocabulary of {vocab_size} tokens; tokenize with the "
+        "model's own tokenizer"
+    )
 
 
 def pack_batch(prompts, candidates, rewards, *, max_tokens: int = DEFAULT_MAX_TOKENS, pad_token_id: int = 0) -> PackedBatch:

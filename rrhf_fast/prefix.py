@@ -11,46 +11,101 @@ Re-encoding costs k(P + R) tokens of the model body per group; sharing the promp
     "kv-cache"  the prompts once with use_cache=True, the cache rows repeated for the k candidates of each, the
                 right-padded candidates run against it with a padding mask over the prompts' padding; gradients flow
                 through the cache. Works with any attention implementation that supports a cache and padding.
-                (Models with a sliding window shorter than P + R run one group at a time, without padding.)
+                (Models with a window, chunk or top-k shorter than P + R, models without position_ids and models
+                with a state along the sequence run one group at a time, without padding.)
     "none"      every candidate re-encoded after its prompt, right-padded, in one pass: the original RRHF code's
                 way, and the baseline for tests and benchmarks.
-    "auto"      "packed" under FlexAttention on CUDA or gradient checkpointing, else "kv-cache" (see resolve_mode).
+    "per-candidate"  every candidate re-encoded after its prompt alone, one forward each, unpadded: the slowest, and
+                exact for any model (nothing but the candidate and its prompt is ever in the forward).
+    "auto"      "packed" under FlexAttention on CUDA or gradient checkpointing, else "kv-cache" (see resolve_mode);
+                model_loss then checks the choice on the model (rrhf_fast.probe) and falls back down candidate_modes.
 
-Only the model body (`model.base_model`, which ends in the final norm) runs: the [tokens, vocab] logits are never
-formed; the loss applies the LM head (`model_loss` passes its weight and bias to `rrhf_fast.loss.rrhf_loss`).
+Layers whose state runs along the sequence (recurrent, linear attention, short convolutions) carry one candidate's
+tokens into the next in a packed row, so "packed" is left out for them by construction (sequence_state).
+
+With head="fused" only the model body (the decoder stack, which ends in the final norm) runs: the [tokens, vocab]
+logits are never formed; the loss applies the LM head (`model_loss` passes its weight and bias to
+`rrhf_fast.loss.rrhf_loss`). With head="logits" the whole causal LM runs and its own logits at the response
+positions are taken (for heads that are more than `hidden @ W^T + b`: softcaps, scales, several layers).
 """
 
 import inspect
+import re
+import weakref
 
 import torch
 
-from rrhf_fast.batch import PackedBatch
-from rrhf_fast.loss import rrhf_loss
+from rrhf_fast.batch import PackedBatch, check_vocabulary
+from rrhf_fast.loss import rrhf_loss, rrhf_loss_from_logits
 
-MODES = ("auto", "packed", "kv-cache", "none")
+MODES = ("auto", "packed", "kv-cache", "none", "per-candidate")
+HEADS = ("fused", "logits")
 
 # Attention implementations that take the packed mask, and the form it takes for each.
 _PACKED_MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
-# Config or model attributes that make the logits more than `hidden @ W^T + b` (Gemma 2/3 softcapping, Cohere's
-# logit_scale, Granite's logits_scaling, output_multiplier); a fused head loss would silently drop them.
-_LOGIT_SOFTCAPS = ("final_logit_softcapping", "logit_softcap")
-_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier")
+# Config or model attributes that make the logits more than `hidden @ W^T + b` (Gemma 2/3 softcapping,
+# RecurrentGemma's logits_soft_cap, Cohere's logit_scale, Granite's logits_scaling, muP multipliers); a fused head
+# loss would silently drop them. The probe (rrhf_fast.probe) catches the ones this list does not name.
+_LOGIT_SOFTCAPS = ("final_logit_softcapping", "logit_softcap", "logits_soft_cap")
+_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
+def _transformers_model(model) -> torch.nn.Module:
+    """The transformers model: a peft PeftModel's `base_model` is its tuner, whose forward runs the whole causal LM;
+    the model inside (`get_base_model()`) holds the adapter layers in place, so running it runs them."""
+    if callable(getattr(model, "get_base_model", None)):
+        return model.get_base_model()
+    return model
 
 
 def _body(model) -> torch.nn.Module:
     """The decoder stack without the LM head; its last_hidden_state already has the final norm applied.
 
-    A peft PeftModel's `base_model` is its tuner, whose forward runs the whole causal LM; the transformers model
-    inside (`get_base_model()`) holds the adapter layers in place, so its body runs them."""
-    if callable(getattr(model, "get_base_model", None)):
-        model = model.get_base_model()
-    body = model.base_model
-    if body is model or model.get_output_embeddings() is None:
+    Usually `model.base_model`. Some causal LMs name themselves as their base model (Llama4ForCausalLM, whose
+    base_model_prefix names a multimodal wrapper's attribute): then the body is the one child that is itself a
+    transformers model (`model.model` there)."""
+    model = _transformers_model(model)
+    if model.get_output_embeddings() is None:
         raise ValueError(
             f"{type(model).__name__} has no LM head: pass the causal LM (e.g. AutoModelForCausalLM), not its base model"
         )
+    body = model.base_model
+    if body is model:
+        head = model.get_output_embeddings()
+        inner = [m for m in model.children() if m is not head and hasattr(m, "config") and hasattr(m, "get_input_embeddings")]
+        if len(inner) != 1:
+            raise ValueError(
+                f"{type(model).__name__} is its own base_model and holds {len(inner)} transformers models, so its "
+                "decoder body cannot be told apart; pass a causal LM whose base_model is the decoder stack"
+            )
+        body = inner[0]
     return body
+
+
+_ARGUMENTS: dict[type, frozenset] = {}
+
+
+def _takes(module: torch.nn.Module, name: str) -> bool:
+    """Whether module.forward names the argument `name` (the signature read once per class)."""
+    kind = type(module)
+    if kind not in _ARGUMENTS:
+        _ARGUMENTS[kind] = frozenset(inspect.signature(module.forward).parameters)
+    return name in _ARGUMENTS[kind]
+
+
+def _call(module: torch.nn.Module, cache=None, **inputs):
+    """module(**inputs), with the cache passed as `cache` where forward takes it (transformers 5.2x renamed
+    `past_key_values`, which 5.40 removes) and as `past_key_values` before."""
+    if cache is not None:
+        inputs["cache" if _takes(module, "cache") else "past_key_values"] = cache
+    return module(**inputs)
+
+
+def _returned_cache(out):
+    """The cache a forward returned, under either name."""
+    cache = out.get("cache")
+    return out.get("past_key_values") if cache is None else cache
 
 
 def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -66,6 +121,13 @@ def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
                     "final hidden state, so the fused head loss would be wrong. Compute logits = model(...).logits for "
                     "the response tokens and use rrhf_fast.rrhf_loss_from_logits instead."
                 )
+    unpadded = getattr(config, "unpadded_vocab_size", None)
+    if unpadded is not None and unpadded != config.vocab_size:
+        raise ValueError(
+            f"{type(model).__name__} keeps only the first unpadded_vocab_size={unpadded} of its {config.vocab_size} "
+            "logits, so the fused head loss would normalise over the padding too; compute logits = model(...).logits "
+            "for the response tokens and use rrhf_fast.rrhf_loss_from_logits instead"
+        )
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(
@@ -110,6 +172,93 @@ def _sliding_windows(config) -> tuple[int | None, bool]:
     return window, any(t != "sliding_attention" for t in layer_types)
 
 
+# Layer kinds whose state runs along the sequence, as configs list them (layer_types, layers_block_type,
+# block_types) and as modules are named (Mamba's mixer, Qwen3-Next's gated delta net, RecurrentGemma's RG-LRU,
+# lightning / linear attention, RWKV, xLSTM); short convolutions are found as torch.nn.Conv1d.
+_SEQUENCE_STATE = re.compile(r"mamba|mixer|recurren|rglru|rnn|delta|linear_?attention|lightning|rwkv|ssm|lstm|retention", re.I)
+_SEQUENCE_STATE_LAYERS = re.compile(_SEQUENCE_STATE.pattern + r"|conv", re.I)
+_LAYER_LISTS = ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern")
+# Towers of a multimodal model that encode an image or a sound before the decoder sees it: not along the text.
+_ENCODER_TOWERS = re.compile(r"vision|visual|image|audio|speech|patch", re.I)
+
+
+# Config fields that bound how far back a token attends: sliding windows under several names (GPT-Neo's local
+# layers hold window_size), Llama 4's attention chunks, DeepSeek-V3.2-style learned top-k keys.
+WINDOW_FIELDS = (
+    "sliding_window",
+    "window_size",
+    "attention_window_size",
+    "attention_window",
+    "local_window_size",
+    "attention_chunk_size",
+    "index_topk",
+    "topk_tokens",
+)
+
+
+def declared_window(model) -> int | None:
+    """The shortest window, chunk or top-k the model's config declares, or None."""
+    config = _text_config(model)
+    values = [getattr(config, name, None) for name in WINDOW_FIELDS]
+    values = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(values) if values else None
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+_SEQUENCE_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str | None]]" = weakref.WeakKeyDictionary()
+
+
+def sequence_state(model) -> str | None:
+    """What in the model carries a state along the sequence (a recurrent, linear-attention or convolution layer),
+    or None for a model of attention layers only. Such a layer reads every earlier token of a row, so in a packed
+    row one candidate's tokens reach the next candidate: "packed" is wrong by construction. Read once per model
+    (every forward asks)."""
+    if model not in _SEQUENCE_STATES:
+        _SEQUENCE_STATES[model] = (_find_sequence_state(model),)
+    return _SEQUENCE_STATES[model][0]
+
+
+def _find_sequence_state(model) -> str | None:
+    config = _text_config(model)
+    for name in _LAYER_LISTS:
+        kinds = getattr(config, name, None)
+        kinds = list(kinds) if isinstance(kinds, (list, tuple)) else []
+        stateful = sorted({str(k) for k in kinds if _SEQUENCE_STATE_LAYERS.search(str(k))})
+        if stateful:
+            return f"its config lists {', '.join(map(repr, stateful))} layers ({name})"
+    if isinstance(getattr(config, "hybrid_override_pattern", None), str) and "M" in config.hybrid_override_pattern:
+        return f"its config lists Mamba layers (hybrid_override_pattern={config.hybrid_override_pattern!r})"
+    for name, module in _body(model).named_modules():
+        if _ENCODER_TOWERS.search(name):
+            continue
+        if isinstance(module, torch.nn.Conv1d) and module.kernel_size[0] > 1:
+            return f"{name} is a convolution along the sequence (kernel {module.kernel_size[0]})"
+        if _SEQUENCE_STATE.search(type(module).__name__):
+            return f"{name or 'its body'} is a {type(module).__name__}"
+    return None
+
+
+def candidate_modes(model) -> list[str]:
+    """The modes that can run on this model as it is now, best first: the order "auto" tries them in (see
+    resolve_mode). "per-candidate" is always last and always possible."""
+    impl = _attn_implementation(model)
+    mask_ok = impl in _PACKED_MASK_IMPLEMENTATIONS and (impl != "flex_attention" or model.device.type == "cuda")
+    packed_ok = mask_ok and _packed_positions_problem(model) is None and sequence_state(model) is None
+    checkpointing = _is_checkpointing(model)
+    modes = []
+    if packed_ok and (checkpointing or model.device.type == "cuda"):
+        modes.append("packed")
+    if not checkpointing:
+        modes.append("kv-cache")
+    if packed_ok and "packed" not in modes:
+        modes.append("packed")
+    return modes + ["none", "per-candidate"]
+
+
 def resolve_mode(model, mode: str = "auto") -> str:
     """The mode prefix_forward will run, or a ValueError naming the mode to use instead.
 
@@ -119,37 +268,49 @@ def resolve_mode(model, mode: str = "auto") -> str:
     least as fast as "packed" (benchmarks/bench_prefix.py). On an H100 the cache's expand-and-concatenate and its
     small per-group batches cost more than the masked pairs: a whole bf16 step of a 1B Llama at P=512, R=128,
     k=4 took 78 ms packed and 161 ms with the cache (benchmarks/results/2026-11-24-step-nvidia-h100-80gb-hbm3.md).
+    This is the structural choice only; model_loss checks it on the model (rrhf_fast.probe).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    impl = _attn_implementation(model)
-    mask_ok = impl in _PACKED_MASK_IMPLEMENTATIONS and (impl != "flex_attention" or model.device.type == "cuda")
-    positions_problem = _packed_positions_problem(model)
-    packed_ok = mask_ok and positions_problem is None
-    checkpointing = _is_checkpointing(model)
+    modes = candidate_modes(model)
     if mode == "auto":
-        if checkpointing:
-            return "packed" if packed_ok else "none"
-        return "packed" if packed_ok and model.device.type == "cuda" else "kv-cache"
-    if mode == "packed" and not packed_ok:
-        instead = 'mode="none"' if checkpointing else 'mode="kv-cache"'
-        if positions_problem is not None:
-            raise ValueError(
-                f'mode="packed" restarts the position ids of every candidate, but {type(model).__name__} cannot take '
-                f"them: {positions_problem}. Use {instead}."
-            )
-        where = f" on {model.device.type}" if impl == "flex_attention" else ""
-        raise ValueError(
-            f'mode="packed" needs attention that takes a prepared mask (sdpa, eager, or flex_attention on CUDA); this '
-            f'model uses {impl}{where}. Use {instead}, or load the model with attn_implementation="sdpa".'
-        )
-    if mode == "kv-cache" and checkpointing:
-        instead = 'mode="packed"' if packed_ok else 'mode="none"'
-        raise ValueError(
-            'mode="kv-cache" cannot run under gradient checkpointing: transformers drops the cache inside checkpointed '
-            f"layers, so the candidates would not see their prompt. Use {instead}."
-        )
+        return modes[0]
+    problem = refusal(model, mode)
+    if problem is not None:
+        # A state along the sequence rarely has a cache that can be repeated over candidates; right padding, which
+        # comes after every real token, cannot reach it.
+        instead = "none" if sequence_state(model) is not None else modes[0]
+        raise ValueError(f'{problem} Use mode="{instead}".')
     return mode
+
+
+def refusal(model, mode: str) -> str | None:
+    """Why `mode` cannot run on this model as it is now (one sentence, without the mode to use instead), or None
+    when it can."""
+    if mode in candidate_modes(model):
+        return None
+    if mode == "kv-cache":
+        return (
+            'mode="kv-cache" cannot run under gradient checkpointing: transformers drops the cache inside checkpointed '
+            "layers, so the candidates would not see their prompt."
+        )
+    state, positions_problem = sequence_state(model), _packed_positions_problem(model)
+    if state is not None:
+        return (
+            f'mode="packed" puts the candidates of a group in one row, but {type(model).__name__} carries a state along '
+            f"the sequence ({state}), which would run from one candidate into the next."
+        )
+    if positions_problem is not None:
+        return (
+            f'mode="packed" restarts the position ids of every candidate, but {type(model).__name__} cannot take '
+            f"them: {positions_problem}."
+        )
+    impl = _attn_implementation(model)
+    where = f" on {model.device.type}" if impl == "flex_attention" else ""
+    return (
+        f'mode="packed" needs attention that takes a prepared mask (sdpa, eager, or flex_attention on CUDA); this '
+        f'model uses {impl}{where} (load the model with attn_implementation="sdpa" for it).'
+    )
 
 
 def packed_attention_mask(batch: PackedBatch, attn_implementation: str, dtype: torch.dtype, window: int | None = None):
@@ -199,23 +360,51 @@ def _packed_mask_argument(model, batch: PackedBatch):
     return {"full_attention": full, "sliding_attention": sliding} if mixed else sliding
 
 
-def _forward_packed(model, batch: PackedBatch) -> torch.Tensor:
-    out = _body(model)(
+def _run(model, head: str, needed: torch.Tensor, **inputs):
+    """(rows, output): the rows `needed` (flat indices into the [B * T] grid of inputs["input_ids"]) of the body's
+    final hidden states (head="fused", [n, D]) or of the causal LM's own logits (head="logits", [n, V]), and the
+    forward's output (for its cache).
+
+    The logits are asked for only at the needed columns (`logits_to_keep` as an index tensor, where the forward
+    takes it): [B, columns, V] rather than [B, T, V]."""
+    if head == "fused":
+        out = _call(_body(model), **inputs)
+        states = out.last_hidden_state
+    else:
+        lm = _transformers_model(model)
+        width = inputs["input_ids"].shape[1]
+        if _takes(lm, "logits_to_keep"):
+            columns = torch.unique(needed % width)  # sorted
+            out = _call(lm, logits_to_keep=columns, **inputs)
+            needed = needed // width * columns.numel() + torch.searchsorted(columns, needed % width)
+        else:
+            out = _call(lm, **inputs)
+        states = out.logits
+    return states.reshape(-1, states.shape[-1])[needed], out
+
+
+def _forward_packed(model, batch: PackedBatch, head: str) -> torch.Tensor:
+    rows, _ = _run(
+        model,
+        head,
+        batch.hidden_index,
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
         attention_mask=_packed_mask_argument(model, batch),
         use_cache=False,
     )
-    hidden = out.last_hidden_state  # [rows, T, D]
-    return hidden.reshape(-1, hidden.shape[-1])[batch.hidden_index]
+    return rows
 
 
 def _candidate_lists(batch: PackedBatch):
-    """Python-side bounds: for every group its prompt ids [P] and the range of its candidates."""
+    """Python-side bounds: for every group its prompt ids [P], the range of its candidates, and every candidate's
+    ids."""
     flat_ids = batch.input_ids.reshape(-1)
     starts, lengths = batch.prompt_starts.tolist(), batch.prompt_lengths.tolist()
     prompts = [flat_ids[s : s + n] for s, n in zip(starts, lengths)]
-    return prompts, batch.cu_groups.tolist(), batch.cu_seqlens.tolist()
+    cu_seqlens = batch.cu_seqlens.tolist()
+    cands = [batch.targets[cu_seqlens[c] : cu_seqlens[c + 1]] for c in range(len(cu_seqlens) - 1)]
+    return prompts, batch.cu_groups.tolist(), cands
 
 
 def _right_padded(pieces: list[torch.Tensor], pad_value: int) -> torch.Tensor:
@@ -225,124 +414,191 @@ def _right_padded(pieces: list[torch.Tensor], pad_value: int) -> torch.Tensor:
     real tokens: no padding mask is passed. (One would also leave the queries of padding beyond a sliding window
     with nothing to attend to, and the NaN of an empty softmax row spreads through the next layer's values.)
     """
-    width = max(p.numel() for p in pieces)
-    ids = pieces[0].new_full((len(pieces), width), pad_value)
-    for i, p in enumerate(pieces):
-        ids[i, : p.numel()] = p
-    return ids
+    return torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True, padding_value=pad_value)
+
+
+def _index(rows: list[int], device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 def _repeatable_cache(model, cache):
-    if not hasattr(cache, "batch_select_indices") or not hasattr(cache, "batch_repeat_interleave"):
+    """The cache, when it and each of its layers can pick and repeat rows (a key/value cache can; the states of
+    transformers' recurrent and convolution layers cannot), else a ValueError naming the modes that work."""
+    layers = [cache] + list(getattr(cache, "layers", None) or [])
+    unable = [type(layer).__name__ for layer in layers if not all(
+        callable(getattr(layer, name, None)) for name in ("batch_select_indices", "batch_repeat_interleave")
+    )]  # fmt: skip
+    if unable:
         raise ValueError(
-            f'mode="kv-cache" needs a cache that can be repeated over candidates; {type(model).__name__} returned '
-            f'{type(cache).__name__}. Use mode="packed" (or "none").'
+            f'mode="kv-cache" needs a cache that can be repeated over candidates; {type(model).__name__} returned a '
+            f'{type(cache).__name__} holding {unable[-1]}, which cannot be. Use mode="none" (or "per-candidate").'
         )
     return cache
 
 
-def _forward_kv_cache(model, batch: PackedBatch) -> torch.Tensor:
+def _forward_kv_cache(model, batch: PackedBatch, head: str) -> torch.Tensor:
     """All prompts in one pass, right-padded to P_max; the cache rows picked for every candidate; all candidates,
     right-padded to R_max, in a second pass. A [C, P_max + R_max] padding mask hides the gap between a short prompt
     and its candidates, so each candidate sees its own prompt's P_g tokens and then itself."""
-    window, _ = _sliding_windows(model.config)
+    window = declared_window(model)
     prompt_width, cand_width = int(batch.prompt_lengths.max()), int(batch.candidate_lengths.max())
-    if window is not None and prompt_width + cand_width > window:
-        # A sliding window counts cache slots, gap included, and the cache keeps only the last window - 1 of them:
-        # run each group on its own so that there is no gap.
-        return _forward_kv_cache_per_group(model, batch)
-    body = _body(model)
-    prompts, cu_groups, cu_seqlens = _candidate_lists(batch)
-    num_groups, num_cands, device = len(prompts), len(cu_seqlens) - 1, batch.targets.device
+    gap = int(batch.prompt_lengths.min()) < prompt_width
+    if (
+        sequence_state(model) is not None
+        or (window is not None and prompt_width + cand_width > window)
+        or (gap and _packed_positions_problem(model) is not None)
+    ):
+        # A sliding window (or attention chunk, or learned top-k) counts cache slots, gap included, and the cache
+        # keeps only the last window - 1 of them; a model without position_ids takes its positions from the cache
+        # length; a recurrent state would run over the prompt's padding: run each group on its own, with no gap.
+        return _forward_kv_cache_per_group(model, batch, head)
+    prompts, cu_groups, cands = _candidate_lists(batch)
+    num_groups, num_cands, device = len(prompts), len(cands), batch.targets.device
 
     prompt_ids = _right_padded(prompts, batch.pad_token_id)  # [G, P_max]
     prompt_positions = torch.arange(prompt_width, device=device)[None].expand(num_groups, -1)
-    prompt_out = body(input_ids=prompt_ids, position_ids=prompt_positions, use_cache=True)
-    cache = _repeatable_cache(model, prompt_out.past_key_values)
+    prompt_lasts = torch.arange(num_groups, device=device) * prompt_width + batch.prompt_lengths - 1  # [G]
+    prompt_last, prompt_out = _run(
+        model, head, prompt_lasts, input_ids=prompt_ids, position_ids=prompt_positions, use_cache=True
+    )
+    cache = _repeatable_cache(model, _returned_cache(prompt_out))
     # Indexing is differentiable: the gradients of a prompt's k rows sum into its keys and values.
     group_of = torch.repeat_interleave(torch.arange(num_groups, device=device), batch.cu_groups.diff())  # [C]
     cache.batch_select_indices(group_of)
 
-    cands = [batch.targets[cu_seqlens[c] : cu_seqlens[c + 1]] for c in range(num_cands)]
     cand_ids = _right_padded(cands, batch.pad_token_id)  # [C, R_max]
     prompt_len = batch.prompt_lengths[group_of]  # [C]
     cand_positions = prompt_len[:, None] + torch.arange(cand_width, device=device)[None]  # [C, R_max]
     prompt_keys = torch.arange(prompt_width, device=device)[None] < prompt_len[:, None]  # [C, P_max]
     key_mask = torch.cat([prompt_keys, torch.ones_like(cand_ids, dtype=torch.bool)], dim=1).long()  # [C, P_max + R_max]
-    cand_out = body(
-        input_ids=cand_ids, attention_mask=key_mask, position_ids=cand_positions, past_key_values=cache, use_cache=True
+    # Every candidate's states but its last token's (which predicts nothing), candidate after candidate.
+    needed = [c * cand_width + t for c in range(num_cands) for t in range(cands[c].numel() - 1)]
+    cand_rows, _ = _run(
+        model,
+        head,
+        _index(needed, device),
+        input_ids=cand_ids,
+        attention_mask=key_mask,
+        position_ids=cand_positions,
+        cache=cache,
+        use_cache=True,
     )
 
-    # Gather in targets order from [prompt last states (G rows); candidate states (C * R_max rows)].
-    prompt_last = prompt_out.last_hidden_state[torch.arange(num_groups, device=device), batch.prompt_lengths - 1]
-    states = torch.cat([prompt_last, cand_out.last_hidden_state.reshape(num_cands * cand_width, -1)])
-    index = []
+    # Gather in targets order from [prompt last states (G rows); candidate states].
+    states = torch.cat([prompt_last, cand_rows])
+    index, row = [], num_groups
     for g in range(num_groups):
         for c in range(cu_groups[g], cu_groups[g + 1]):
             index.append(g)
-            index.extend(range(num_groups + c * cand_width, num_groups + c * cand_width + cands[c].numel() - 1))
-    return states[torch.tensor(index, device=device)]
+            index.extend(range(row, row + cands[c].numel() - 1))
+            row += cands[c].numel() - 1
+    return states[_index(index, device)]
 
 
-def _forward_kv_cache_per_group(model, batch: PackedBatch) -> torch.Tensor:
+def _forward_kv_cache_per_group(model, batch: PackedBatch, head: str) -> torch.Tensor:
     """kv-cache one group at a time: the prompt [1, P], the cache repeated k times, the candidates [k, R]."""
-    body = _body(model)
-    prompts, cu_groups, cu_seqlens = _candidate_lists(batch)
-    pieces = []
+    prompts, cu_groups, cands = _candidate_lists(batch)
+    device, pieces = batch.targets.device, []
     for g, prompt in enumerate(prompts):
-        first, last = cu_groups[g], cu_groups[g + 1]
-        k, plen = last - first, prompt.numel()
-        prompt_out = body(input_ids=prompt[None], use_cache=True)
-        cache = _repeatable_cache(model, prompt_out.past_key_values)
+        group = cands[cu_groups[g] : cu_groups[g + 1]]
+        k, plen = len(group), prompt.numel()
+        prompt_last, prompt_out = _run(model, head, _index([plen - 1], device), input_ids=prompt[None], use_cache=True)
+        cache = _repeatable_cache(model, _returned_cache(prompt_out))
         # repeat_interleave is differentiable: the gradients of the k copies sum into the prompt's keys and values.
         cache.batch_repeat_interleave(k)
-        cands = [batch.targets[cu_seqlens[c] : cu_seqlens[c + 1]] for c in range(first, last)]
-        ids = _right_padded(cands, batch.pad_token_id)  # [k, R]
-        positions = plen + torch.arange(ids.shape[1], device=ids.device)
-        cand_out = body(input_ids=ids, position_ids=positions[None].expand(k, -1), past_key_values=cache, use_cache=True)
-        prompt_last = prompt_out.last_hidden_state[0, -1]  # [D]
-        for i, cand in enumerate(cands):
-            pieces.append(prompt_last[None])
-            pieces.append(cand_out.last_hidden_state[i, : cand.numel() - 1])
+        ids = _right_padded(group, batch.pad_token_id)  # [k, R]
+        positions = plen + torch.arange(ids.shape[1], device=device)
+        needed = [i * ids.shape[1] + t for i, cand in enumerate(group) for t in range(cand.numel() - 1)]
+        cand_rows, _ = _run(
+            model,
+            head,
+            _index(needed, device),
+            input_ids=ids,
+            position_ids=positions[None].expand(k, -1),
+            cache=cache,
+            use_cache=True,
+        )
+        row = 0
+        for cand in group:
+            pieces += [prompt_last, cand_rows[row : row + cand.numel() - 1]]
+            row += cand.numel() - 1
     return torch.cat(pieces)
 
 
-def _forward_none(model, batch: PackedBatch) -> torch.Tensor:
-    prompts, cu_groups, cu_seqlens = _candidate_lists(batch)
-    sequences, spans = [], []  # spans: (prompt length, candidate length) of every sequence
-    for g, prompt in enumerate(prompts):
-        for c in range(cu_groups[g], cu_groups[g + 1]):
-            cand = batch.targets[cu_seqlens[c] : cu_seqlens[c + 1]]
-            sequences.append(torch.cat([prompt, cand]))
-            spans.append((prompt.numel(), cand.numel()))
-    ids = _right_padded(sequences, batch.pad_token_id)
-    hidden = _body(model)(input_ids=ids, use_cache=False).last_hidden_state
+def _sequences(batch: PackedBatch):
+    """Every candidate after its prompt: (ids [P + L], P) in targets order."""
+    prompts, cu_groups, cands = _candidate_lists(batch)
+    return [
+        (torch.cat([prompt, cands[c]]), prompt.numel())
+        for g, prompt in enumerate(prompts)
+        for c in range(cu_groups[g], cu_groups[g + 1])
+    ]
+
+
+def _forward_none(model, batch: PackedBatch, head: str) -> torch.Tensor:
+    sequences = _sequences(batch)
+    ids = _right_padded([seq for seq, _ in sequences], batch.pad_token_id)
     # Response token t of a sequence is predicted by position P - 1 + t.
-    return torch.cat([hidden[i, plen - 1 : plen - 1 + clen] for i, (plen, clen) in enumerate(spans)])
+    needed = [i * ids.shape[1] + t for i, (seq, plen) in enumerate(sequences) for t in range(plen - 1, seq.numel() - 1)]
+    rows, _ = _run(model, head, _index(needed, ids.device), input_ids=ids, use_cache=False)
+    return rows
 
 
-_FORWARDS = {"packed": _forward_packed, "kv-cache": _forward_kv_cache, "none": _forward_none}
+def _forward_per_candidate(model, batch: PackedBatch, head: str) -> torch.Tensor:
+    pieces = []
+    for seq, plen in _sequences(batch):
+        needed = torch.arange(plen - 1, seq.numel() - 1, device=seq.device)
+        pieces.append(_run(model, head, needed, input_ids=seq[None], use_cache=False)[0])
+    return torch.cat(pieces)
 
 
-def prefix_forward(model, batch: PackedBatch, mode: str = "auto") -> torch.Tensor:
-    """hidden [N, D]: row n is the final hidden state (after the final norm) that predicts batch.targets[n].
+_FORWARDS = {
+    "packed": _forward_packed,
+    "kv-cache": _forward_kv_cache,
+    "none": _forward_none,
+    "per-candidate": _forward_per_candidate,
+}
 
-    model   a Hugging Face causal LM (its body is run, its LM head is not)
+
+def prefix_forward(model, batch: PackedBatch, mode: str = "auto", head: str = "fused") -> torch.Tensor:
+    """hidden [N, D]: row n is the final hidden state (after the final norm) that predicts batch.targets[n]; with
+    head="logits" instead the model's own logits [N, V] that predict it.
+
+    model   a Hugging Face causal LM (with head="fused" its body is run, its LM head is not)
     batch   a PackedBatch (moved to the model's device here)
-    mode    "auto", "packed", "kv-cache" or "none" (see the module docstring); a mode this model or attention
-            implementation cannot serve raises ValueError naming the mode to use
+    mode    "auto", "packed", "kv-cache", "none" or "per-candidate" (see the module docstring); a mode this model
+            or attention implementation cannot serve raises ValueError naming the mode to use. This runs the mode
+            unchecked: model_loss checks it on the model first (rrhf_fast.probe).
     """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     mode = resolve_mode(model, mode)
-    return _FORWARDS[mode](model, batch.to(model.device))
+    batch = batch.to(model.device)
+    check_vocabulary(batch, model.get_input_embeddings().num_embeddings)
+    return _FORWARDS[mode](model, batch, head)
+
+
+def batch_loss(model, batch: PackedBatch, mode: str, head: str, **loss_options):
+    """The RRHF loss of `model` on `batch` through one mode and head, unchecked: prefix_forward, then
+    rrhf_fast.loss.rrhf_loss with the LM head's weight and bias (head="fused") or rrhf_loss_from_logits on the
+    model's own logits (head="logits")."""
+    batch = batch.to(model.device)
+    states = prefix_forward(model, batch, mode, head)
+    if head == "logits":
+        return rrhf_loss_from_logits(states, batch.targets, batch.cu_seqlens, batch.rewards, batch.cu_groups, **loss_options)
+    weight, bias = lm_head(model)
+    return rrhf_loss(
+        states, weight, batch.targets, batch.cu_seqlens, batch.rewards, batch.cu_groups, bias=bias, **loss_options
+    )
 
 
 def model_loss(model, batch: PackedBatch, *, mode: str = "auto", **loss_options):
-    """The RRHF loss of `model` on `batch`: prefix_forward, then rrhf_fast.loss.rrhf_loss with the LM head's
-    weight and bias. loss_options go to rrhf_loss (length_penalty, rank_weight, sft_weight, margin,
-    sft_reduction, backend). Returns rrhf_loss's output (loss, rank_loss, sft_loss, scores)."""
-    weight, bias = lm_head(model)
-    batch = batch.to(model.device)
-    hidden = prefix_forward(model, batch, mode)
-    return rrhf_loss(
-        hidden, weight, batch.targets, batch.cu_seqlens, batch.rewards, batch.cu_groups, bias=bias, **loss_options
-    )
+    """The RRHF loss of `model` on `batch`, through the mode and head that rrhf_fast.probe found exact on this model
+    (the probe runs at the first call for a model, mode, dtype and checkpointing setting, on a short batch cut from
+    this one; an explicit mode that fails it raises ValueError naming the mode that passed). loss_options go to
+    rrhf_loss (length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend). Returns rrhf_loss's output
+    (loss, rank_loss, sft_loss, scores)."""
+    from rrhf_fast import probe  # probe runs this module's forwards
+
+    plan = probe.plan(model, batch, mode, **loss_options)
+    return batch_loss(model, batch, plan.mode, plan.head, **loss_options)

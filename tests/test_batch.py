@@ -1,9 +1,11 @@
 """pack_batch: the packed layout on a hand-worked example, row packing, and the errors at the boundary."""
 
+from dataclasses import fields
+
 import pytest
 import torch
 
-from rrhf_fast.batch import PackedBatch, pack_batch
+from rrhf_fast.batch import PackedBatch, check_vocabulary, pack_batch
 
 PROMPTS = [[11, 12, 13], [21, 22]]
 CANDIDATES = [[[31, 32, 33], [41, 42]], [[51, 52, 53, 54]]]
@@ -56,10 +58,40 @@ def test_group_longer_than_budget_gets_its_own_row():
 
 
 def test_to_moves_every_tensor():
-    batch = pack_batch(PROMPTS, CANDIDATES, REWARDS).to("cpu")
-    assert isinstance(batch, PackedBatch)
-    assert batch.pad_token_id == 0
-    assert batch.rewards.dtype == torch.float32 and batch.targets.dtype == torch.int64
+    """To the meta device (which every build has), so that a tensor left behind on the CPU would show."""
+    batch = pack_batch(PROMPTS, CANDIDATES, REWARDS, pad_token_id=7)
+    moved = batch.to("meta")
+    assert isinstance(moved, PackedBatch)
+    tensors = [f.name for f in fields(PackedBatch) if isinstance(getattr(batch, f.name), torch.Tensor)]
+    assert len(tensors) == 11
+    for name in tensors:
+        before, after = getattr(batch, name), getattr(moved, name)
+        assert after.device.type == "meta", name
+        assert (after.shape, after.dtype) == (before.shape, before.dtype), name
+    assert moved.pad_token_id == 7
+    assert batch.targets.device.type == "cpu"  # a copy: the original stays where it was
+
+
+def test_tensors_and_numpy_integers_are_token_ids():
+    np = pytest.importorskip("numpy")
+    prompts = [torch.tensor([11, 12, 13]), np.array([21, 22])]
+    candidates = [[[31, 32, 33], np.array([41, 42])], [torch.tensor([51, 52, 53, 54])]]
+    batch = pack_batch(prompts, candidates, [[np.float32(1.0), torch.tensor(0.5)], [2]])
+    assert torch.equal(batch.targets, pack_batch(PROMPTS, CANDIDATES, REWARDS).targets)
+    assert batch.rewards.tolist() == [1.0, 0.5, 2.0]
+
+
+def test_vocabulary_check_names_group_and_position():
+    batch = pack_batch(PROMPTS, CANDIDATES, REWARDS)
+    check_vocabulary(batch, 55)  # the largest id is 54
+    with pytest.raises(ValueError, match="candidate 0 of group 1 holds token id 54 at position 3.*vocabulary of 54"):
+        check_vocabulary(batch, 54)
+    with pytest.raises(ValueError, match="candidate 0 of group 0 holds token id 31 at position 0"):
+        check_vocabulary(batch, 30)
+    with pytest.raises(ValueError, match="prompt of group 1 holds token id 21 at position 0"):
+        check_vocabulary(pack_batch([[1], [21, 2]], [[[3]], [[4]]], [[0.0], [0.0]]), 21)
+    with pytest.raises(ValueError, match="pad_token_id 99 is past"):
+        check_vocabulary(pack_batch(PROMPTS, CANDIDATES, REWARDS, pad_token_id=99), 60)
 
 
 @pytest.mark.parametrize(
@@ -73,6 +105,15 @@ def test_to_moves_every_tensor():
         ([[1], [2]], [[[2]]], [[0.0]], "one prompt, one candidate list and one reward list per group"),
         ([[1]], [[]], [[]], "no candidates"),
         ([], [], [], "at least one group"),
+        ([[1, -3]], [[[2]]], [[0.0]], "prompt of group 0 holds -3 at position 1"),
+        ([[1], [1]], [[[2]], [[2], [5, 2.7]]], [[0.0], [0.0, 1.0]], "candidate 1 of group 1 holds 2.7 at position 1"),
+        ([[1]], [[[2.0]]], [[0.0]], "candidate 0 of group 0 holds 2.0 at position 0"),
+        ([[1]], [[[True]]], [[0.0]], "holds True at position 0"),
+        ([[1]], [[torch.tensor([2.0])]], [[0.0]], "holds a torch.float32 tensor"),
+        ([[1]], [[torch.tensor([2, -1])]], [[0.0]], "holds -1 at position 1"),
+        ([[1]], [[["2"]]], [[0.0]], "holds '2' at position 0"),
+        ([[1]], [[[2], [3]]], [[0.0, "1.5"]], "reward 1 of group 0 is '1.5', not a number"),
+        ([[1]], [[[2]]], [[None]], "reward 0 of group 0 is None, not a number"),
     ],
 )
 def test_errors_say_what_to_change(prompts, candidates, rewards, message):

@@ -16,6 +16,8 @@ from transformers import (
     GPT2LMHeadModel,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -28,7 +30,7 @@ from transformers import (
 
 from rrhf_fast import reference
 from rrhf_fast.batch import pack_batch
-from rrhf_fast.prefix import lm_head, model_loss, prefix_forward, resolve_mode
+from rrhf_fast.prefix import batch_loss, candidate_modes, lm_head, model_loss, prefix_forward, resolve_mode
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -144,6 +146,10 @@ def assert_same(result, expected, rtol=RTOL):
     (hidden, loss, grads), (hidden_ref, loss_ref, grads_ref) = result, expected
     assert rel_err(hidden, hidden_ref) < rtol
     assert rel_err(loss, loss_ref) < rtol
+    assert_same_grads(grads, grads_ref, rtol)
+
+
+def assert_same_grads(grads, grads_ref, rtol=RTOL):
     assert grads.keys() == grads_ref.keys()
     floor = 1e-3 * torch.stack([g.norm() for g in grads_ref.values()]).norm()
     for name, grad in grads.items():
@@ -156,11 +162,77 @@ def test_modes_match_reencoding(arch, attn):
     batch = pack_batch(*random_groups(seed=len(arch)))
     expected = loss_and_grads(model, batch, "none")
     assert_same(loss_and_grads(model, batch, "kv-cache"), expected)
+    assert_same(loss_and_grads(model, batch, "per-candidate"), expected)
     if arch in PACKED_REFUSED:
         with pytest.raises(ValueError, match='Use mode="kv-cache"'):
             prefix_forward(model, batch, "packed")
     else:
         assert_same(loss_and_grads(model, batch, "packed"), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2-sliding", "gpt2", "opt"])
+@pytest.mark.parametrize("mode", ["packed", "kv-cache", "none", "per-candidate"])
+def test_logits_head_equals_the_fused_head(arch, mode):
+    """head="logits" (the whole causal LM, its logits at the response positions only) gives the fused head's
+    logits, loss and gradients in every mode, for a random upstream gradient."""
+    model = make_model(arch)
+    batch = pack_batch(*random_groups(seed=19, ks=(2, 1, 3)))
+    weight, bias = lm_head(model)
+    hidden = prefix_forward(model, batch, mode)
+    fused = hidden @ weight.T + (0 if bias is None else bias)
+    logits = prefix_forward(model, batch, mode, head="logits")
+    assert logits.shape == (batch.num_tokens, VOCAB)
+    assert rel_err(logits, fused) < RTOL
+    upstream = torch.randn_like(logits)
+    names, params = zip(*model.named_parameters())
+    grads = [torch.autograd.grad((x * upstream).sum(), params, allow_unused=True) for x in (logits, fused)]
+    assert_same_grads(*({n: g for n, g in zip(names, gs) if g is not None} for gs in grads))
+    losses = [batch_loss(model, batch, mode, head, backend="reference", **LOSS_OPTIONS).loss for head in ("logits", "fused")]
+    assert rel_err(*losses) < RTOL
+
+
+def test_model_that_is_its_own_base_model():
+    """Llama4ForCausalLM names itself as its base model; its body is model.model, and every mode matches
+    re-encoding where it passes the probe."""
+    torch.manual_seed(0)
+    config = Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, intermediate_size_mlp=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = Llama4ForCausalLM(config).double().eval()
+    assert model.base_model is model
+    batch = pack_batch(*random_groups(seed=23, ks=(2, 3)))
+    expected = loss_and_grads(model, batch, "per-candidate")
+    assert_same(loss_and_grads(model, batch, "kv-cache"), expected)
+    assert_same(loss_and_grads(model, batch, "none"), expected)
+
+
+def test_cache_argument_raises_no_deprecation_warning():
+    """kv-cache passes the cache under the name the installed transformers' forward takes (`cache` from 5.2x,
+    `past_key_values` before): none of the project's own calls warns."""
+    import warnings
+
+    model = make_model("llama", "sdpa")
+    batch = pack_batch(*random_groups(seed=29, ks=(2, 3)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for head in ("fused", "logits"):
+            prefix_forward(model, batch, "kv-cache", head=head)
+    assert not [str(w.message) for w in caught if "deprecat" in str(w.message).lower()]
+
+
+def test_unknown_head_is_refused():
+    with pytest.raises(ValueError, match="head must be one of"):
+        prefix_forward(make_model("llama"), pack_batch([[1]], [[[2]]], [[0.0]]), "none", head="softcap")
+
+
+def test_token_past_the_vocabulary_names_group_and_position():
+    model = make_model("llama", "sdpa")
+    # One group: the probe's second group is this one again, so the position must be read in the real batch.
+    with pytest.raises(ValueError, match=f"candidate 2 of group 0 holds token id {VOCAB} at position 1"):
+        model_loss(model, pack_batch([[1, 2]], [[[4], [5, 6], [7, VOCAB]]], [[0.0, 1.0, 2.0]]))
+    with pytest.raises(ValueError, match=f"prompt of group 0 holds token id {VOCAB + 5} at position 1"):
+        prefix_forward(model, pack_batch([[1, VOCAB + 5]], [[[4]]], [[0.0]]), "none")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -257,7 +329,7 @@ def test_bf16_autocast(mode):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = prefix_forward(model, batch, "none").float()
         hidden = prefix_forward(model, batch, mode).float()
-        hidden.sum().backward()
+        hidden.backward(torch.randn_like(hidden))
     assert rel_err(hidden, expected) < 3e-2
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -269,6 +341,7 @@ def test_auto_picks_the_cache_with_a_dense_mask(attn):
 
 def test_modes_that_cannot_serve_say_which_to_use():
     model = make_model("llama", "sdpa")
+    assert candidate_modes(model) == ["kv-cache", "packed", "none", "per-candidate"]
     model.config._attn_implementation = "flash_attention_2"  # what a model loaded with flash-attn reports
     with pytest.raises(ValueError, match='Use mode="kv-cache"'):
         resolve_mode(model, "packed")
@@ -284,12 +357,23 @@ def test_modes_that_cannot_serve_say_which_to_use():
         resolve_mode(model, "packed")
 
 
-@pytest.mark.parametrize("field, value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625), ("logits_scaling", 8.0)])
-def test_nonlinear_heads_are_refused(field, value):
-    model = make_model("llama", "sdpa")
+@pytest.mark.parametrize(
+    "field, value",
+    [("final_logit_softcapping", 30.0), ("logits_soft_cap", 30.0), ("logit_scale", 0.0625), ("logits_scaling", 8.0),
+     ("lm_head_multiplier", 0.5), ("unpadded_vocab_size", VOCAB - 3)],
+)  # fmt: skip
+def test_nonlinear_heads_are_refused_by_lm_head_and_model_loss_uses_the_logits(field, value):
+    """lm_head refuses a head it knows to be more than a Linear; model_loss then takes the model's own logits (this
+    Llama ignores the field, so they equal the fused head's) and says so."""
+    batch = pack_batch(*random_groups(seed=2, ks=(2, 3)))
+    expected = model_loss(make_model("llama", "sdpa"), batch, backend="reference", **LOSS_OPTIONS).loss
+    model = make_model("llama", "sdpa")  # the same weights; a plan is made once per model
     setattr(model.config, field, value)
     with pytest.raises(ValueError, match=f"{field}={value}.*rrhf_loss_from_logits"):
-        model_loss(model, pack_batch([[1]], [[[2]]], [[0.0]]))
+        lm_head(model)
+    with pytest.warns(UserWarning, match=f"model's own logits.*{field}"):
+        loss = model_loss(model, batch, backend="reference", **LOSS_OPTIONS).loss
+    assert rel_err(loss, expected) < RTOL
 
 
 def test_a_scale_of_one_is_a_plain_head():
