@@ -9,10 +9,10 @@ verdicts as a table.
 """
 
 import pytest
-import torch
 
 import tiny_models
 from rrhf_fast.prefix import MODES
+from test_prefix import one_thread  # noqa: F401  (autouse fixture: tiny models run fastest on one thread)
 
 # One family for each kind of structure that decides whether prefix sharing is exact.
 REPRESENTATIVE = {
@@ -34,15 +34,6 @@ REPRESENTATIVE = {
     "deepseek_v32": "sparse attention over a learned top-k index, MLA",
 }
 FAMILIES = tiny_models.causal_lm_families()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine their barriers stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 _CACHE = {}
