@@ -1,14 +1,14 @@
 """A small training run through rrhf_fast.distributed, for tests/test_distributed.py to launch under torchrun.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_driver.py OUT [options]
+    fsdp_driver.main([OUT, options...])                  # one process, in the caller's: the reference run
 
 A tiny Llama (2 decoder layers) takes --steps AdamW steps on random groups; every step deals a global batch of
 GLOBAL_GROUPS groups, each rank its own consecutive share, so any world size sees the same data. Rank 0 writes
 OUT/result.json (the loss of every step, and what the run observed about dtypes and shards) and OUT/final (the
 Hugging Face weights, or a LoRA adapter). With --save-every, OUT/checkpoint-<step> are save_checkpoint's
-sharded checkpoints; --resume continues from the latest one. Faults come from patched functions:
---crash-at RANK:STEP raises in that rank's optimizer step STEP, --hang-at sleeps there instead, --kill-in-save
-RANK:STEP ends that rank's process while it writes the checkpoint of step STEP.
+sharded checkpoints; --resume continues from the latest one. --crash-at, --hang-at and --kill-in-save are the
+faults of tests/faults.py.
 """
 
 import argparse
@@ -16,20 +16,19 @@ import json
 import os
 import re
 import resource
-import time
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rrhf_fast import distributed
 from rrhf_fast.batch import pack_batch
 from rrhf_fast.default_model import build_model, build_tokenizer
+from faults import add_fault_flags, install_faults
 
 GLOBAL_GROUPS = 4
 LOSS_OPTIONS = dict(length_penalty=1.0, rank_weight=1.0, sft_weight=1.0, margin=0.0, sft_reduction="mean", backend="torch")
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--fsdp", action="store_true")
@@ -43,11 +42,9 @@ def parse_args():
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--from-dir", help="rank 0 loads these weights (from_pretrained); with --fsdp the others build on meta")
     parser.add_argument("--every-rank-loads", action="store_true", help="with --from-dir: every rank reads the weights")
-    parser.add_argument("--crash-at")
-    parser.add_argument("--hang-at")
-    parser.add_argument("--kill-in-save")
+    add_fault_flags(parser)
     parser.add_argument("--timeout", type=float, default=60)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def make_groups(step: int):
@@ -84,48 +81,17 @@ def build(args, world):
     return model
 
 
-def install_faults(args, world):
-    """Patch the functions a fault hits: a global optimizer-step pre-hook, DCP's file writer."""
-
-    def spec(text):
-        rank, step = (int(x) for x in text.split(":"))
-        return rank == world.rank, step
-
-    steps_taken = [0]
-
-    def before_step(optimizer, *_):
-        steps_taken[0] += 1
-        for text, act in ((args.crash_at, "crash"), (args.hang_at, "hang")):
-            if text and spec(text) == (True, steps_taken[0]):
-                if act == "hang":
-                    time.sleep(3600)
-                raise RuntimeError(f"patched failure on rank {world.rank} at step {steps_taken[0]}")
-
-    register_optimizer_step_pre_hook(before_step)
-    if args.kill_in_save:
-        mine, step = spec(args.kill_in_save)
-        from torch.distributed.checkpoint import FileSystemWriter
-
-        write_data = FileSystemWriter.write_data
-
-        def dying_write(self, plan, planner):
-            if mine and steps_taken[0] == step:
-                os._exit(9)  # as a killed process: no clean-up, nothing flushed
-            return write_data(self, plan, planner)
-
-        FileSystemWriter.write_data = dying_write
-
-
 def latest(out):
     steps = [int(m.group(1)) for n in os.listdir(out) if (m := re.fullmatch(r"checkpoint-(\d+)", n))]
     return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    """Without torchrun (a test calling main) it is one process that takes every group of a step."""
+    args = parse_args(argv)
     torch.set_num_threads(1)
     world = distributed.init("cpu", fsdp=args.fsdp, timeout_s=args.timeout)
-    install_faults(args, world)
+    install_faults(args, world.rank)
     model = build(args, world)
     module = distributed.wrap(model, world, mode="packed", loss_options=LOSS_OPTIONS, bf16=args.bf16 and args.fsdp,
                               cpu_offload=args.cpu_offload)  # fmt: skip
