@@ -118,7 +118,12 @@ def init(device: str, *, fsdp: bool, timeout_s: float) -> World:
 
 
 class ModelLoss(torch.nn.Module):
-    """forward(batch) = rrhf_fast.prefix.model_loss(model, batch, ...): the module that DDP or FSDP2 wraps."""
+    """forward(batch) = rrhf_fast.prefix.model_loss(model, batch, ...): the module that DDP or FSDP2 wraps.
+
+    run(fn) calls fn(); under FSDP2 it is registered as a forward method of the root, so it runs inside the
+    root's forward hooks: the root's parameters (embeddings, final norm, LM head) are gathered around it, as
+    evaluation and generation through the Hugging Face model need, and each decoder layer gathers its own.
+    """
 
     def __init__(self, model, *, mode: str, loss_options: dict):
         super().__init__()
@@ -129,13 +134,16 @@ class ModelLoss(torch.nn.Module):
     def forward(self, batch):
         return model_loss(self.model, batch, mode=self.mode, **self.loss_options)
 
+    def run(self, fn):
+        return fn()
+
 
 def _fully_shard():
     try:
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     except ImportError:
         raise ValueError(f"--fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6); this is torch {torch.__version__}") from None
-    return fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
+    return fully_shard, register_fsdp_forward_method, MixedPrecisionPolicy, CPUOffloadPolicy
 
 
 def wrap(model, world: World, *, mode: str, loss_options: dict, bf16: bool = False, cpu_offload: bool = False) -> torch.nn.Module:
@@ -158,7 +166,7 @@ def wrap(model, world: World, *, mode: str, loss_options: dict, bf16: bool = Fal
     if not world.fsdp:
         device_ids = [world.device.index] if world.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-    fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy = _fully_shard()
+    fully_shard, register_fsdp_forward_method, MixedPrecisionPolicy, CPUOffloadPolicy = _fully_shard()
     # rank 0's full weights, read before sharding replaces them: the values broadcast to every rank below
     full_state = model.state_dict() if world.is_main else {}
     options = {}
@@ -176,6 +184,7 @@ def wrap(model, world: World, *, mode: str, loss_options: dict, bf16: bool = Fal
     for layer in layers:
         fully_shard(layer, **options)
     fully_shard(module, **options)
+    register_fsdp_forward_method(module, "run")
     _receive_rank0_state(module, model, full_state, world, cpu_offload)
     # transformers' generate() then keeps every rank decoding until all have finished (synced_gpus): an FSDP2
     # forward is a collective, so a rank that stopped early would leave the others waiting.
@@ -208,15 +217,12 @@ def run_on_full_model(module: torch.nn.Module, world: World, fn):
 
     Without torchrun, and under DDP, rank 0 runs it alone (each rank holds the whole model) while the others wait
     at a barrier; they get None. Under FSDP2 the weights are spread over the ranks, so every rank runs fn() on
-    the same data and every rank gets the result: the root's parameters (embeddings, final norm, LM head) are
-    gathered around it with the root's unshard() and reshard(), and each decoder layer gathers its own as it runs.
+    the same data, inside the root's forward hooks (ModelLoss.run), and every rank gets the result. (The root's
+    unshard() alone is not enough: evaluation may come before the first forward, and a decoder layer that ran
+    first would make itself the root.)
     """
     if world.fsdp:
-        module.unshard()
-        try:
-            return fn()
-        finally:
-            module.reshard()
+        return module.run(fn)
     result = fn() if world.is_main else None
     barrier(world)
     return result

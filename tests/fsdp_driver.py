@@ -102,6 +102,13 @@ def main(argv=None):
         linear = next(m for n, m in model.named_modules() if n.endswith("q_proj") or n.endswith("q_proj.base_layer"))
         linear.register_forward_pre_hook(lambda m, a: observed.update(compute_weight=str(m.weight.dtype), compute_input=str(a[0].dtype)))
 
+    probe = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(5))
+
+    def mean_logit():  # evaluation through the Hugging Face model, before the first training forward and after
+        with torch.no_grad():
+            return float(model(input_ids=probe).logits.double().mean())
+
+    observed["mean_logit_before"] = distributed.run_on_full_model(module, world, mean_logit)
     step, losses = 0, []
     if args.resume and latest(args.out):
         checkpoint = latest(args.out)
@@ -137,6 +144,7 @@ def main(argv=None):
         local_numel=(param.to_local() if isinstance(param, DTensor) else param).numel(), numel=param.numel(),
         optimizer_dtype=str(next(iter(optimizer.state.values()))["exp_avg"].dtype),
     )  # fmt: skip
+    observed["mean_logit_after"] = distributed.run_on_full_model(module, world, mean_logit)
     weights = distributed.full_model_state(model, world, trained_only=args.lora)
     if world.is_main:
         final = os.path.join(args.out, "final")

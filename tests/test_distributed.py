@@ -212,8 +212,9 @@ def test_fsdp_loading_on_rank_0_only_equals_ddp_and_saves_plain_transformers_wei
     rotary buffers) from rank 0. Every loss and gradient norm then equals one process's with the global batch
     (as DDP's) to 1e-6 relative (float32; the reductions add the same numbers in another order), and so do the
     final weights as one vector. Each rank holds
-    half of every parameter and of its Adam moments; final/ loads in plain transformers with exactly the
-    gathered weights."""
+    half of every parameter and of its Adam moments; evaluation through the Hugging Face model
+    (run_on_full_model), before the first training forward and after the last step, gives one process's mean
+    logit to 1e-6; final/ loads in plain transformers with exactly the gathered weights."""
     from transformers import AutoModelForCausalLM
 
     ddp, ddp_out = runs("one", "--from-dir", initial_model_dir)
@@ -225,6 +226,9 @@ def test_fsdp_loading_on_rank_0_only_equals_ddp_and_saves_plain_transformers_wei
     assert relative_difference(final, initial) > 1e-2  # the runs did train
     seen = fsdp["observed"]
     assert seen["param_is_shard"] and 2 * seen["local_numel"] == seen["numel"] and seen["param_dtype"] == "torch.float32"
+    for key in ("mean_logit_before", "mean_logit_after"):
+        assert seen[key] == pytest.approx(ddp["observed"][key], rel=1e-6), key
+    assert seen["mean_logit_before"] != pytest.approx(seen["mean_logit_after"], rel=1e-3)
     model = AutoModelForCausalLM.from_pretrained(fsdp_out / "final")
     assert model.state_dict().keys() >= final.keys()
     for key, value in final.items():
