@@ -1,9 +1,9 @@
-"""Several processes under torchrun: the process group, the wrapped model (DDP, or FSDP2 with --fsdp), and the
-few collectives the training loop needs. With no torchrun every function here is a plain single-process no-op,
-so rrhf_fast.train has one loop for both.
+"""Several processes under torchrun: the process group, the wrapped model (DDP, or FSDP2 with --fsdp), sharded
+checkpoints, and the few collectives the training loop needs. With no torchrun every function here is a plain
+single-process no-op, so rrhf_fast.train has one loop for both.
 
-    torchrun --nproc_per_node 4 -m rrhf_fast.train --model M --data D ...          # DDP
-    torchrun --nproc_per_node 4 -m rrhf_fast.train --model M --data D --fsdp ...   # FSDP2, CUDA only
+    torchrun --nproc_per_node 4 -m rrhf_fast.train --model M --data D ...                 # DDP
+    torchrun --nproc_per_node 4 -m rrhf_fast.train --model M --data D --fsdp --bf16 ...   # FSDP2 (CUDA or CPU)
 
 The loss head runs inside the wrapped module. `ModelLoss.forward(batch)` is rrhf_fast.prefix.model_loss: the
 model body and the fused loss, which reads the LM head's weight directly instead of calling the head. Wrapping
@@ -12,6 +12,23 @@ unshard both act around the wrapped module's forward, so under FSDP2 the fused k
 head weight, and a head tied to the input embeddings collects the gradients of both uses before they are
 reduced. FSDP2 shards one unit per decoder layer (the classes the model lists in `_no_split_modules`) plus the
 root, ModelLoss, which holds the embeddings, the final norm and the head.
+
+FSDP2 with bf16 (wrap(..., bf16=True)): the sharded master weights stay float32 and so does the optimizer; each
+unit gathers its parameters cast to bfloat16 for its forward and backward, and reduce-scatters the gradients in
+float32 (MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)). The loss head is then fed bf16
+hidden states and the bf16 head weight the root gathered. cpu_offload=True keeps the shards, their gradients and
+the optimizer step in host memory (CPUOffloadPolicy): the GPU holds only the gathered units in flight.
+
+Loading once: under FSDP2 only rank 0 needs the weights. The other ranks may build the model on the meta device
+(no memory), `wrap` shards every rank's model, allocates the local shards and broadcasts rank 0's values into
+them (set_model_state_dict with broadcast_from_rank0), so a node of N processes holds one full copy, not N.
+
+Checkpoints under FSDP2 (save_checkpoint / load_checkpoint) go through torch.distributed.checkpoint: every rank
+writes its own shard of the trained weights and of the optimizer state, nothing is gathered, and the directory
+appears only when every rank has finished (written under a temporary name, renamed by rank 0). DCP can reshard
+on load, but the trainer's data position counts global micro-batches of --batch-size x processes, so it resumes
+at the same world size only. The final weights (full_model_state) are gathered onto rank 0's CPU one tensor at a
+time and saved as Hugging Face safetensors.
 
 Exactness: each rank runs --batch-size queries a micro-batch, so a step sees batch x grad-accum x world-size
 queries. The RRHF loss is a mean over the groups of a micro-batch and DDP (and FSDP2) average the gradients over
@@ -27,19 +44,14 @@ then stops the others; a rank that hangs makes the others' collectives time out 
 import contextlib
 import datetime
 import os
+import shutil
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 
 import torch
 
-from rrhf_fast.cli import InputError
 from rrhf_fast.prefix import model_loss
-
-# Test-only fault injection: "<rank>:<step>:crash" raises on that rank at the start of that step, "...:hang"
-# sleeps there instead; tests/test_distributed.py uses it to check that one failing rank ends the job.
-TEST_FAULT_ENV = "RRHF_FAST_TEST_FAULT"
 
 
 @dataclass
@@ -80,7 +92,7 @@ def init(device: str, *, fsdp: bool, timeout_s: float) -> World:
     wanted = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if not launched_by_torchrun():
         if fsdp:
-            raise InputError(
+            raise ValueError(
                 "--fsdp shards the model over the processes of a torchrun job: launch with "
                 "torchrun --nproc_per_node N -m rrhf_fast.train ... --fsdp (N = 1 works too)"
             )
@@ -88,13 +100,11 @@ def init(device: str, *, fsdp: bool, timeout_s: float) -> World:
     rank, size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     if wanted.type == "cuda":
         if wanted.index is not None:
-            raise InputError(f"--device {device}: under torchrun each process uses the GPU of its local rank; pass --device cuda or auto")
+            raise ValueError(f"--device {device}: under torchrun each process uses the GPU of its local rank; pass --device cuda or auto")
         if local_rank >= torch.cuda.device_count():
-            raise InputError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): lower --nproc_per_node")
+            raise ValueError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): lower --nproc_per_node")
         wanted = torch.device("cuda", local_rank)
         torch.cuda.set_device(wanted)
-    if fsdp and wanted.type != "cuda":
-        raise InputError(f"--fsdp shards the model over GPUs and needs CUDA (the device is {wanted}); on CPU run without --fsdp (DDP)")
     timeout = datetime.timedelta(seconds=timeout_s)
     if wanted.type == "cuda":  # device_id: bind the NCCL communicator to this GPU at once
         torch.distributed.init_process_group("nccl", timeout=timeout, device_id=wanted)
@@ -110,9 +120,9 @@ def init(device: str, *, fsdp: bool, timeout_s: float) -> World:
 class ModelLoss(torch.nn.Module):
     """forward(batch) = rrhf_fast.prefix.model_loss(model, batch, ...): the module that DDP or FSDP2 wraps.
 
-    forward(run=fn) calls fn() instead, inside the same forward hooks: under FSDP2 that is how evaluation and
-    generation reach the full model, since only the root's forward gathers the root's parameters (embeddings,
-    final norm, LM head); each decoder layer gathers its own when it runs.
+    run(fn) calls fn(); under FSDP2 it is registered as a forward method of the root, so it runs inside the
+    root's forward hooks: the root's parameters (embeddings, final norm, LM head) are gathered around it, as
+    evaluation and generation through the Hugging Face model need, and each decoder layer gathers its own.
     """
 
     def __init__(self, model, *, mode: str, loss_options: dict):
@@ -121,20 +131,33 @@ class ModelLoss(torch.nn.Module):
         self.mode = mode
         self.loss_options = loss_options
 
-    def forward(self, batch=None, run=None):
-        if run is not None:
-            return run()
+    def forward(self, batch):
         return model_loss(self.model, batch, mode=self.mode, **self.loss_options)
 
+    def run(self, fn):
+        return fn()
 
-def wrap(model, world: World, *, mode: str, loss_options: dict) -> torch.nn.Module:
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    except ImportError:
+        raise ValueError(f"--fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6); this is torch {torch.__version__}") from None
+    return fully_shard, register_fsdp_forward_method, MixedPrecisionPolicy, CPUOffloadPolicy
+
+
+def wrap(model, world: World, *, mode: str, loss_options: dict, bf16: bool = False, cpu_offload: bool = False) -> torch.nn.Module:
     """The module the training loop calls: ModelLoss around `model`, wrapped for the world it runs in.
 
     Without torchrun: ModelLoss on world.device. DDP: the model is moved to the device first and rank 0's weights
-    are broadcast to the others. FSDP2: the model stays where it was loaded (CPU) and fully_shard moves each unit
-    to the GPU as it shards it, so a GPU never holds more than one unit unsharded at set-up. The optimizer must be
+    are broadcast to the others. FSDP2: every unit is sharded where the model was loaded (CPU, or the meta device
+    on ranks other than 0), then each rank allocates its shards on world.device and receives rank 0's values, so
+    a GPU never holds more than its shards at set-up and only rank 0 needs to have read the weights. bf16 and
+    cpu_offload apply to FSDP2 only (under DDP --bf16 is autocast, which the loop sets up). The optimizer must be
     built after this: FSDP2 replaces the parameters with sharded DTensors.
     """
+    if cpu_offload and not world.fsdp:
+        raise ValueError("--cpu-offload offloads FSDP2's shards to host memory: pass --fsdp too")
     if not world.fsdp:
         model.to(world.device)
     module = ModelLoss(model, mode=mode, loss_options=loss_options)
@@ -143,33 +166,63 @@ def wrap(model, world: World, *, mode: str, loss_options: dict) -> torch.nn.Modu
     if not world.fsdp:
         device_ids = [world.device.index] if world.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:
-        raise InputError(f"--fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6); this is torch {torch.__version__}") from None
+    fully_shard, register_fsdp_forward_method, MixedPrecisionPolicy, CPUOffloadPolicy = _fully_shard()
+    # rank 0's full weights, read before sharding replaces them: the values broadcast to every rank below
+    full_state = model.state_dict() if world.is_main else {}
+    options = {}
+    if bf16:
+        # cast_forward_inputs=False: the batch's float fields (rewards) keep their precision; the units' inputs
+        # are bf16 anyway, since the bf16 embeddings start the residual stream.
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=world.device.type == "cuda")
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers and world.is_main:
         print(f"rrhf_fast.train: warning: {type(model).__name__} names no decoder layer class (_no_split_modules); "
               "--fsdp shards it as one unit", file=sys.stderr)  # fmt: skip
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(module)
+        fully_shard(layer, **options)
+    fully_shard(module, **options)
+    register_fsdp_forward_method(module, "run")
+    _receive_rank0_state(module, model, full_state, world, cpu_offload)
     # transformers' generate() then keeps every rank decoding until all have finished (synced_gpus): an FSDP2
     # forward is a collective, so a rank that stopped early would leave the others waiting.
     model._is_fsdp_managed_module = True
     return module
 
 
+def _receive_rank0_state(module, model, full_state: dict, world: World, cpu_offload: bool) -> None:
+    """Fill every rank's shards with rank 0's values, after allocating them (on its device, or in host memory
+    under CPU offload) where the model was built on the meta device; the buffers the state dict leaves out
+    (rotary frequencies) are broadcast as they are."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        if world.is_main:
+            raise ValueError("rank 0 reads the weights every rank receives: build the model on the meta device on the other ranks only")
+        module.to_empty(device="cpu" if cpu_offload else world.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    saved = set(model.state_dict().keys())
+    for name, buffer in model.named_buffers():
+        if name not in saved:
+            if buffer.device != world.device:  # a non-persistent buffer follows the compute device
+                buffer.data = buffer.data.to(world.device)
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
 def run_on_full_model(module: torch.nn.Module, world: World, fn):
     """fn() where it can see the whole model: evaluation and generation through the Hugging Face model.
 
     Without torchrun, and under DDP, rank 0 runs it alone (each rank holds the whole model) while the others wait
-    at a barrier; they get None. Under FSDP2 the weights are spread over the ranks, so every rank runs fn()
-    inside the root's forward, on the same data, and every rank gets the result.
+    at a barrier; they get None. Under FSDP2 the weights are spread over the ranks, so every rank runs fn() on
+    the same data, inside the root's forward hooks (ModelLoss.run), and every rank gets the result. (The root's
+    unshard() alone is not enough: evaluation may come before the first forward, and a decoder layer that ran
+    first would make itself the root.)
     """
     if world.fsdp:
-        return module(run=fn)
+        return module.run(fn)
     result = fn() if world.is_main else None
     barrier(world)
     return result
@@ -232,26 +285,27 @@ def clip_grad_norm(parameters, max_norm: float, world: World) -> float:
     return float(total)
 
 
-def _full_state_options():
+def _full_state_options(trained_only: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # Gathered onto rank 0's CPU one tensor at a time: no GPU ever holds the whole model.
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)
 
 
-def full_model_state(model, world: World) -> dict | None:
+def full_model_state(model, world: World, *, trained_only: bool = False) -> dict | None:
     """Under FSDP2 the full state dict of the Hugging Face model on rank 0 ({} on the others; every rank must
-    call it); otherwise None, and save_pretrained reads the model's own weights."""
+    call it); otherwise None, and save_pretrained reads the model's own weights. trained_only: the parameters
+    that require grad alone (a LoRA model's adapter, for rrhf_fast.lora.save_adapter(..., state_dict=...))."""
     if not world.fsdp:
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_full_state_options())
+    return get_model_state_dict(model, options=_full_state_options(trained_only))
 
 
 def optimizer_state(module: torch.nn.Module, optimizer, world: World) -> dict:
     """What optimizer.pt holds: optimizer.state_dict(), or under FSDP2 the full state gathered on rank 0 and
-    keyed by parameter name (every rank must call it)."""
+    keyed by parameter name (every rank must call it). Under FSDP2 save_checkpoint writes it sharded instead."""
     if not world.fsdp:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -269,6 +323,67 @@ def load_optimizer_state(module: torch.nn.Module, optimizer, path: str, world: W
     state = torch.load(path, map_location="cpu") if world.is_main else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint)
+
+SHARDED_STATE = "sharded"  # the DCP directory inside a checkpoint: one file a rank and the .metadata index
+
+
+def _sharded_state(module: torch.nn.Module, optimizer) -> dict:
+    """{"model": ..., "optimizer": ...} of this rank's shards, keyed by parameter name; frozen parameters (a LoRA
+    base model) are left out, since training never changes them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(module, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_checkpoint(directory: str, module: torch.nn.Module, optimizer, world: World, write_rest=None) -> None:
+    """Write the trained weights and the optimizer state into `directory`/sharded with DCP, every rank its own
+    shard, then write_rest(tmp_dir) on rank 0 (scheduler, RNG states, trainer state: small files), and only then
+    make `directory` appear. Every rank must call it.
+
+    Everything goes into a temporary directory beside `directory` (.tmp-<name>), which rank 0 renames once every
+    rank has finished: a job killed mid-write leaves that temporary directory and the previous checkpoint as they
+    were. Several nodes need `directory` on a file system they all see (each rank writes its own file there)."""
+    import torch.distributed.checkpoint as dcp
+
+    parent, name = os.path.split(os.path.abspath(directory))
+    tmp = os.path.join(parent, f".tmp-{name}")
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(world)
+    dcp.save(_sharded_state(module, optimizer), checkpoint_id=os.path.join(tmp, SHARDED_STATE))
+    if world.is_main and write_rest is not None:
+        write_rest(tmp)
+    barrier(world)  # every rank's shard is on disk, and rank 0's index and small files
+    if world.is_main:
+        if os.path.exists(directory):  # a re-run of the same step: swap, then drop the old one
+            os.replace(directory, f"{tmp}-old")
+            os.replace(tmp, directory)
+            shutil.rmtree(f"{tmp}-old")
+        else:
+            os.replace(tmp, directory)
+    barrier(world)
+
+
+def load_checkpoint(directory: str, module: torch.nn.Module, optimizer, world: World) -> None:
+    """Read what save_checkpoint wrote into the wrapped module and its optimizer: each rank reads the parts of
+    the saved shards that make up its own (DCP reshards, so this works at any world size; see the module's
+    docstring for why the trainer resumes at the same one)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    path = os.path.join(directory, SHARDED_STATE)
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise ValueError(f"{directory}: no sharded state ({SHARDED_STATE}/.metadata); not a checkpoint written with --fsdp")
+    state = _sharded_state(module, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,16 +411,3 @@ def exit_status(run) -> int:
             os._exit(status)
         torch.distributed.destroy_process_group()
     return status
-
-
-def inject_test_fault(world: World, step: int) -> None:
-    """The test-only fault of TEST_FAULT_ENV, when it names this rank and step."""
-    spec = os.environ.get(TEST_FAULT_ENV)
-    if not spec:
-        return
-    rank, at_step, kind = spec.split(":")
-    if int(rank) != world.rank or int(at_step) != step:
-        return
-    if kind == "hang":
-        time.sleep(3600)
-    raise RuntimeError(f"{TEST_FAULT_ENV}: injected failure on rank {world.rank} at step {step}")

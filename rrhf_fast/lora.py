@@ -2,7 +2,7 @@
 
 How the trainer uses it (`--lora-r R`, `--lora-alpha`, `--lora-dropout`, `--lora-target-modules`, `--merge-lora`):
 
-    options = LoraOptions(r, alpha, dropout, target_modules)    # checked here: bad values raise InputError
+    options = LoraOptions(r, alpha, dropout, target_modules)    # checked here: bad values raise ValueError
     model = load the base model (from --model or the embedded default; when resuming, still the base model:
             a LoRA checkpoint holds only the adapter)
     enable gradient checkpointing, if asked, before add_lora (peft then makes the embeddings' output require
@@ -37,8 +37,6 @@ from dataclasses import dataclass
 
 import torch
 
-from rrhf_fast.cli import InputError
-
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -57,16 +55,16 @@ class LoraOptions:
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise InputError(f"LoRA rank r (--lora-r) must be a whole number >= 1, got {self.r!r}")
+            raise ValueError(f"LoRA rank r (--lora-r) must be a whole number >= 1, got {self.r!r}")
         alpha = 2 * self.r if self.alpha is None else self.alpha
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-            raise InputError(f"LoRA alpha (--lora-alpha) must be a finite number > 0, got {self.alpha!r}")
+            raise ValueError(f"LoRA alpha (--lora-alpha) must be a finite number > 0, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise InputError(f"LoRA dropout (--lora-dropout) must be in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"LoRA dropout (--lora-dropout) must be in [0, 1), got {self.dropout!r}")
         names = self.target_modules.split(",") if isinstance(self.target_modules, str) else list(self.target_modules)
         names = tuple(name.strip() for name in names if name.strip())
         if not names:
-            raise InputError(
+            raise ValueError(
                 f'LoRA target modules (--lora-target-modules) name no module: give "{ALL_LINEAR}" or names such as '
                 "q_proj,v_proj"
             )
@@ -79,7 +77,7 @@ def _import_peft():
     try:
         import peft
     except ImportError:
-        raise InputError("LoRA needs the peft package, which is not installed: pip install peft") from None
+        raise ValueError("LoRA needs the peft package, which is not installed: pip install peft") from None
     return peft
 
 
@@ -108,17 +106,17 @@ def _check_targets(model, names: tuple[str, ...]) -> None:
         if not matched:
             unmatched.append(name)
         elif any(m is head for m in matched):
-            raise InputError(
+            raise ValueError(
                 f"LoRA target module {name!r} is the LM head: the fused loss applies the head's weight itself and "
                 "would skip its adapter; leave it out of the target modules"
             )
         elif tied and any(m is embeddings for m in matched):
-            raise InputError(
+            raise ValueError(
                 f"LoRA target module {name!r} is the input embedding, which this model ties to its LM head: merging "
                 "its adapter would change the head too; leave it out of the target modules"
             )
     if unmatched:
-        raise InputError(
+        raise ValueError(
             f"LoRA target modules {', '.join(unmatched)} match no module of {type(model).__name__}; its linear layers "
             f'are named {", ".join(_linear_names(model)) or "(none)"} (or use "{ALL_LINEAR}")'
         )
@@ -131,7 +129,7 @@ def add_lora(model, options: LoraOptions):
     matrices require grad. B starts at zero, so the wrapped model first computes what `model` did."""
     peft = _import_peft()
     if callable(getattr(model, "get_base_model", None)):
-        raise InputError(f"{type(model).__name__} already carries peft adapters; add LoRA to the plain model")
+        raise ValueError(f"{type(model).__name__} already carries peft adapters; add LoRA to the plain model")
     if options.target_modules == ALL_LINEAR:
         targets, shown = ALL_LINEAR, ALL_LINEAR
     else:
@@ -148,10 +146,10 @@ def add_lora(model, options: LoraOptions):
     try:
         wrapped = peft.get_peft_model(model, config)
     except ValueError as err:  # e.g. a target module of a type LoRA cannot adapt (a norm, a whole block)
-        raise InputError(f"LoRA target modules {shown}: {' '.join(str(err).split())}") from None
+        raise ValueError(f"LoRA target modules {shown}: {' '.join(str(err).split())}") from None
     # "all-linear" leaves the head out by name; check it on the model, whatever the peft version resolved.
     if not isinstance(wrapped.get_output_embeddings(), torch.nn.Linear):
-        raise InputError('LoRA "all-linear" adapted the LM head of this model; name the target modules instead')
+        raise ValueError('LoRA "all-linear" adapted the LM head of this model; name the target modules instead')
     return wrapped
 
 
@@ -171,11 +169,13 @@ def parameter_summary(model) -> str:
     )
 
 
-def save_adapter(model, directory: str) -> None:
+def save_adapter(model, directory: str, state_dict: dict | None = None) -> None:
     """Write the adapter of a PeftModel into `directory`: adapter_config.json and adapter_model.safetensors,
-    which peft.PeftModel.from_pretrained(base_model, directory) loads onto the base model."""
+    which peft.PeftModel.from_pretrained(base_model, directory) loads onto the base model. state_dict: the
+    model's state (at least its adapter) when the model's own tensors are shards, e.g. under FSDP2
+    rrhf_fast.distributed.full_model_state(model, world, trained_only=True) on rank 0."""
     # The full embedding matrices are saved only if asked: the adapters never resize them.
-    model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
+    model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
 
 
 def load_adapter_weights(model, directory: str) -> None:
@@ -186,13 +186,13 @@ def load_adapter_weights(model, directory: str) -> None:
 
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not os.path.isfile(os.path.join(directory, name)):
-            raise InputError(f"{directory}: no {name}; not a LoRA adapter directory (written by save_adapter)")
+            raise ValueError(f"{directory}: no {name}; not a LoRA adapter directory (written by save_adapter)")
     with open(os.path.join(directory, ADAPTER_CONFIG), encoding="utf-8") as f:
         saved = json.load(f)
     current = model.peft_config["default"]
     for field, flag in (("r", "--lora-r"), ("lora_alpha", "--lora-alpha")):
         if saved.get(field) != getattr(current, field):
-            raise InputError(
+            raise ValueError(
                 f"{directory}: the adapter was trained with {field}={saved.get(field)}, this model has "
                 f"{field}={getattr(current, field)}; resume with the same {flag}"
             )
@@ -201,11 +201,11 @@ def load_adapter_weights(model, directory: str) -> None:
     try:
         result = peft.set_peft_model_state_dict(model, weights)
     except RuntimeError as err:  # shapes that differ: other target modules of the same names, another base model
-        raise InputError(f"{directory}: the adapter does not fit this model: {' '.join(str(err).split())}") from None
+        raise ValueError(f"{directory}: the adapter does not fit this model: {' '.join(str(err).split())}") from None
     missing = [key for key in result.missing_keys if ".lora_" in key]
     if result.unexpected_keys or missing:
         extra = (result.unexpected_keys or missing)[0]
-        raise InputError(
+        raise ValueError(
             f"{directory}: the adapter adapts other modules than this model ({len(result.unexpected_keys)} unknown, "
             f"{len(missing)} missing, e.g. {extra}); resume with the same --lora-target-modules and base model"
         )

@@ -230,7 +230,10 @@ def resolve_config(argv) -> TrainConfig:
 def lora_options(cfg: TrainConfig):
     from rrhf_fast.lora import LoraOptions
 
-    return LoraOptions(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    try:  # library code raises ValueError: bad input for the command
+        return LoraOptions(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -420,7 +423,10 @@ def check_resumable(checkpoint: str, world: distributed.World) -> None:
 def main(argv=None) -> int:
     t_start = time.time()
     cfg = resolve_config(argv)
-    world = distributed.init(cfg.device, fsdp=cfg.fsdp, timeout_s=cfg.ddp_timeout)
+    try:
+        world = distributed.init(cfg.device, fsdp=cfg.fsdp, timeout_s=cfg.ddp_timeout)
+    except ValueError as err:
+        raise InputError(str(err)) from None
     device = world.device
 
     def say(message):  # progress and warnings: rank 0 speaks for the job
@@ -476,9 +482,12 @@ def main(argv=None) -> int:
     if cfg.lora_r:  # after checkpointing: peft then makes the embeddings' output require grad, as it needs
         from rrhf_fast import lora
 
-        model = lora.add_lora(model, lora_options(cfg))
-        if resume_from is not None:
-            lora.load_adapter_weights(model, resume_from)
+        try:
+            model = lora.add_lora(model, lora_options(cfg))
+            if resume_from is not None:
+                lora.load_adapter_weights(model, resume_from)
+        except ValueError as err:
+            raise InputError(str(err)) from None
         say(lora.parameter_summary(model))
     model.config.use_cache = False
     model.train()
@@ -631,7 +640,6 @@ def main(argv=None) -> int:
     t_train, train_tokens_this_run = time.time(), 0
     t_log, tokens_log = time.time(), 0
     while step < max_steps:
-        distributed.inject_test_fault(world, step + 1)
         # one optimizer step: grad_accum micro-batches of batch_size queries on each rank, each query's prompt shared
         # by its candidates
         totals = {"loss": 0.0, "rank_loss": 0.0, "sft_loss": 0.0}

@@ -1,7 +1,7 @@
 """rrhf_fast.lora: LoRA through peft on tiny float32 models (the embedded Llama and a GPT-2 with tied embeddings
 and Conv1D layers). Training through model_loss moves the adapters and nothing else, in every prefix mode; the
 saved adapter reloads onto a fresh base; the merged model is a plain checkpoint that computes what the adapted
-model did; bad options and mismatched checkpoints raise InputError saying what to change."""
+model did; bad options and mismatched checkpoints raise ValueError saying what to change."""
 
 import json
 import os
@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from rrhf_fast.batch import pack_batch
-from rrhf_fast.cli import InputError
 from rrhf_fast.default_model import build_model, build_tokenizer
 from rrhf_fast.lora import (
     LoraOptions,
@@ -223,12 +222,12 @@ def test_options_resolve_their_defaults():
     ],
 )
 def test_bad_options_say_what_to_change(options, message):
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(ValueError, match=message):
         LoraOptions(**options)
 
 
 def test_target_modules_that_match_nothing_list_the_real_names():
-    with pytest.raises(InputError, match="modules qproj, mlp.gate match no module of LlamaForCausalLM") as err:
+    with pytest.raises(ValueError, match="modules qproj, mlp.gate match no module of LlamaForCausalLM") as err:
         add_lora(make_model("llama"), LoraOptions(r=2, target_modules="q_proj,qproj,mlp.gate"))
     assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in str(err.value)
     assert "lm_head" not in str(err.value)
@@ -244,23 +243,23 @@ def test_target_modules_that_match_nothing_list_the_real_names():
     ],
 )
 def test_the_head_is_never_adapted(arch, target, message):
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(ValueError, match=message):
         add_lora(make_model(arch), LoraOptions(r=2, target_modules=f"c_attn,q_proj,{target}"))
 
 
 def test_targets_lora_cannot_adapt_are_input_errors():
-    with pytest.raises(InputError, match="LoRA target modules input_layernorm: .*not supported"):
+    with pytest.raises(ValueError, match="LoRA target modules input_layernorm: .*not supported"):
         add_lora(make_model("llama"), LoraOptions(r=2, target_modules="input_layernorm"))
 
 
 def test_missing_peft_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
-    with pytest.raises(InputError, match="pip install peft"):
+    with pytest.raises(ValueError, match="pip install peft"):
         add_lora(make_model("llama"), LoraOptions(r=2))
 
 
 def test_twice_is_refused():
-    with pytest.raises(InputError, match="already carries peft adapters"):
+    with pytest.raises(ValueError, match="already carries peft adapters"):
         add_lora(add_lora(make_model("llama"), LoraOptions(r=2)), LoraOptions(r=2))
 
 
@@ -272,7 +271,7 @@ def test_resuming_with_other_options_is_refused(tmp_path):
         (LoraOptions(r=3, target_modules="q_proj,v_proj"), "adapts other modules than this model"),
     ]
     for options, message in cases:
-        with pytest.raises(InputError, match=message):
+        with pytest.raises(ValueError, match=message):
             load_adapter_weights(add_lora(make_model("llama"), options), str(tmp_path))
-    with pytest.raises(InputError, match="no adapter_config.json; not a LoRA adapter directory"):
+    with pytest.raises(ValueError, match="no adapter_config.json; not a LoRA adapter directory"):
         load_adapter_weights(add_lora(make_model("llama"), LoraOptions(r=3)), str(tmp_path / "elsewhere"))
