@@ -23,13 +23,9 @@ FAST = ["-k", "3", "--max-new-tokens", "4", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
+def policy(tiny_llama):
     """A tiny random causal LM and its byte tokenizer, saved in Hugging Face format."""
-    path = tmp_path_factory.mktemp("policy")
-    tokenizer = build_tokenizer()
-    build_model(tokenizer, seed=0, hidden_size=32, num_layers=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return tiny_llama
 
 
 @pytest.fixture()
