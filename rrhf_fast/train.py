@@ -46,6 +46,7 @@ import resource
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -381,8 +382,9 @@ class StopSignals:
     loop saves a checkpoint at the next step boundary and exits 128 + the signal. A second one stops at once."""
 
     def __enter__(self):
-        self.received = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.received, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def handle(self, signum, frame):
