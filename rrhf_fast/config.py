@@ -94,8 +94,9 @@ class TrainConfig:
     tiny_layers: int = flag(2, "layers of the embedded Llama", type=POSITIVE_INT)
 
 
-# Settings that do not change what a resumed run computes: --resume may differ from the checkpoint's in these.
-NOT_RESUMED = ("resume", "overwrite_output_dir", "ddp_timeout", "save_total_limit")
+# Settings that do not change what a resumed run computes: --resume may differ from the checkpoint's in these
+# (--output-dir is where the checkpoint was found; it may be spelt another way).
+NOT_RESUMED = ("resume", "overwrite_output_dir", "output_dir", "ddp_timeout", "save_total_limit")
 
 TORCHRUN_HELP = """\
 several processes, the same flags (a step takes --batch-size x --grad-accum x processes queries):

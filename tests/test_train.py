@@ -153,16 +153,14 @@ def test_resume_of_a_finished_run_changes_nothing(full_run, tmp_path, capsys):
     assert before == {name: (out / name).read_bytes() for name in before}
 
 
-def test_killed_and_terminated_runs_resume_to_the_same_weights(tmp_path):
-    """SIGKILL the process as soon as checkpoint-4 is complete (it may be mid-step or mid-way through writing
-    checkpoint-6), or send it SIGTERM then (it saves a checkpoint at the next step boundary, says where and exits
-    143); resume each, and the final weights equal an uninterrupted run's."""
-    args = [*TINY, "--max-steps", "20", "--save-every", "2", "--eval-every", "0", "--device", "cpu"]
-    run_cli([*args, "--output-dir", "full"], tmp_path)
-    full = load_weights(tmp_path / "full" / "final")
+def test_killed_and_terminated_runs_resume_to_the_same_weights(full_run, tmp_path):
+    """SIGKILL the process as soon as checkpoint-2 is complete (it may be mid-step or mid-way through writing
+    checkpoint-4), or send it SIGTERM then (it saves a checkpoint at the next step boundary, says where and exits
+    143); resume each, and the final weights equal the uninterrupted run's."""
+    full = load_weights(os.path.join(full_run, "final"))
     for name, signum in (("killed", signal.SIGKILL), ("terminated", signal.SIGTERM)):
-        proc = subprocess.Popen(**cli_command([*args, "--output-dir", name], tmp_path), stderr=subprocess.PIPE, text=True)
-        marker = tmp_path / name / "checkpoint-4" / "trainer_state.json"
+        proc = subprocess.Popen(**cli_command([*RUN, "--output-dir", name], tmp_path), stderr=subprocess.PIPE, text=True)
+        marker = tmp_path / name / "checkpoint-2" / "trainer_state.json"
         deadline = time.monotonic() + 300
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -173,7 +171,7 @@ def test_killed_and_terminated_runs_resume_to_the_same_weights(tmp_path):
             step = checkpoint.latest(str(tmp_path / name)).rsplit("-", 1)[1]
             assert proc.returncode == 143 and f"stopped by SIGTERM after step {step}: {name}/checkpoint-{step} written" in err
             assert "Traceback" not in err
-        run_cli([*args, "--output-dir", name, "--resume"], tmp_path)
+        assert train.cli([*RUN, "--output-dir", str(tmp_path / name), "--resume"]) == 0  # in-process: no start-up
         resumed = load_weights(tmp_path / name / "final")
         for key in full:
             assert torch.equal(full[key], resumed[key]), (name, key)
