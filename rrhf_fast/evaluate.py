@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     with bad_input():
         device = loading.device(args.device)
-        loading.check_data_path(args.data)
+        examples = loading.read_data(args.data)
         loading.check_output_file(args.out, "--out")
         loading.check_output_file(args.json, "--json")
         reward_fn = loading.reward_function(args.reward) if args.reward else None
@@ -63,7 +63,6 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     with bad_input():
         model, tokenizer = loading.load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-        examples = loading.read_data(args.data)
     with bad_input(f"{args.model}: "):
         tokenized, cut = tokenize(examples, tokenizer, args.model_max_length)
     with bad_input():

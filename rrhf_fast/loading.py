@@ -12,7 +12,7 @@ what to do; the commands turn those into one line on stderr and exit status 2, b
     check_encodes(examples, tok, path)    a tokenizer that tells the responses apart
     reward_function(spec)                 "task" or "module:function" -> f(query, response) -> float, checked
     reward_model(path, ...)               a sequence-classification model -> f(queries, responses) -> floats
-    check_data_path(path), read_data(path)   an RRHF JSONL file
+    read_data(path)                       the examples of a data file
     check_writable(directory)             an output directory this process can write into
     check_output_file(path, flag)         an output file: not a directory, in a writable one
 """
@@ -223,19 +223,11 @@ def reward_model(path: str, *, on: torch.device, batch_size: int, trust_remote_c
 # Files
 
 
-def check_data_path(path: str) -> None:
-    """A data file that exists and is a file (a directory is named as one, with what to pass instead)."""
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory; pass the RRHF JSONL file itself ({{query, responses, scores}} a line)")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-
-
 def read_data(path: str):
-    """The checked examples of an RRHF JSONL file (rrhf_fast.data.read_jsonl)."""
+    """The checked examples of a data file (rrhf_fast.data's reader; a directory or a missing file is a DataError
+    that says so)."""
     from rrhf_fast.data import read_jsonl
 
-    check_data_path(path)
     return read_jsonl(path)
 
 

@@ -153,11 +153,8 @@ def claim_output_dir(cfg: TrainConfig, world) -> str | None:
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """The files named on the command line, and the model's positions, before anything is written or loaded."""
+    """--model and its positions, and --output-dir, before anything is written or loaded."""
     with bad_input():
-        for path in (cfg.data, cfg.eval_data):
-            if path is not None:
-                loading.check_data_path(path)
         if cfg.model is not None:
             model_config = loading.model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
             loading.check_max_length(model_config, cfg.model_max_length, cfg.model)
@@ -175,10 +172,21 @@ def load_model(cfg: TrainConfig, resume_from: str | None):
         return loading.load_model_and_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
 
 
-def load_data(cfg: TrainConfig, tokenizer, world) -> tuple[list, HeldOut]:
-    """(tokenised training examples, the held-out set). The built-in task is written out as RRHF JSONL once, then
-    read like any user file."""
-    from rrhf_fast import data, task
+@dataclass
+class Texts:
+    """The data as read, before tokenisation; eval None: the first training queries are held out."""
+
+    train_path: str
+    train: list
+    eval_path: str | None
+    eval: list | None
+    reward_fn: object | None  # the built-in task's reward, for greedy answers on its held-out set
+
+
+def read_data(cfg: TrainConfig, world) -> Texts:
+    """The training and held-out examples: --data / --eval-data, or the built-in task, written out as RRHF JSONL
+    once and then read like any user file."""
+    from rrhf_fast import task
 
     reward_fn = None
     train_path, eval_path = cfg.data, cfg.eval_data
@@ -195,20 +203,27 @@ def load_data(cfg: TrainConfig, tokenizer, world) -> tuple[list, HeldOut]:
         if cfg.eval_data is None:
             reward_fn = task.reward
     with bad_input():
-        train_examples = loading.read_data(train_path)
-        eval_examples = (loading.read_data(eval_path) if eval_path else train_examples)[: cfg.eval_max_examples]
+        return Texts(train_path, loading.read_data(train_path), eval_path,
+                     loading.read_data(eval_path) if eval_path else None, reward_fn)  # fmt: skip
+
+
+def tokenize_data(texts: Texts, tokenizer, cfg: TrainConfig, world) -> tuple[list, HeldOut]:
+    """(tokenised training examples, the held-out set), with a warning for what --model-max-length cut."""
+    from rrhf_fast import data
+
+    eval_examples = (texts.eval or texts.train)[: cfg.eval_max_examples]
     with bad_input(f"{cfg.model}: "):
-        train_tok, train_cut = data.tokenize(train_examples, tokenizer, cfg.model_max_length)
+        train_tok, train_cut = data.tokenize(texts.train, tokenizer, cfg.model_max_length)
         eval_tok, eval_cut = data.tokenize(eval_examples, tokenizer, cfg.model_max_length)
     with bad_input():
-        loading.check_encodes(train_examples, train_tok, tokenizer, cfg.model or "the embedded model")
-    for path, cut in ((train_path, train_cut), (eval_path or train_path, eval_cut)):
+        loading.check_encodes(texts.train, train_tok, tokenizer, cfg.model or "the embedded model")
+    for path, cut in ((texts.train_path, train_cut), (texts.eval_path or texts.train_path, eval_cut)):
         if cut.prompts or cut.responses:
             say(world, f"{PROG}: warning: {path}: {cut} to fit --model-max-length {cfg.model_max_length}")
-    if eval_path is None:
+    if texts.eval is None:
         say(world, f"{PROG}: warning: no --eval-data; evaluating on the first {len(eval_tok)} training queries")
-    queries = [ex.query for ex in eval_examples] if reward_fn else None
-    return train_tok, HeldOut(eval_tok, queries, reward_fn)
+    queries = [ex.query for ex in eval_examples] if texts.reward_fn else None
+    return train_tok, HeldOut(eval_tok, queries, texts.reward_fn)
 
 
 def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world):
@@ -459,8 +474,9 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.seed)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    texts = read_data(cfg, world)
     model, tokenizer = load_model(cfg, resume_from)
-    train_data, held_out = load_data(cfg, tokenizer, world)
+    train_data, held_out = tokenize_data(texts, tokenizer, cfg, world)
     model, train_module, loss_options = wrap_model(model, cfg, resume_from, world)
     micro_per_epoch = micro_batches_per_epoch(len(train_data), cfg, world)
     cfg.max_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * micro_per_epoch / cfg.grad_accum))

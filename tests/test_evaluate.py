@@ -94,7 +94,7 @@ def test_reward_that_is_not_a_finite_number_exits_2(tiny_llama, data_file, tmp_p
         (["--device", "foo"], "--device foo: not a torch device"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
         (["--out", "/"], "--out /: is a directory"),
-        (["--data", "/"], "/: is a directory; pass the RRHF JSONL file itself"),
+        (["--data", "/"], "/: is a directory"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_llama, data_file, capsys, change, message):

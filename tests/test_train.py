@@ -284,7 +284,7 @@ def test_bad_data_file(tmp_path, capsys, line, message, which):
         (["--lora-r", "4", "--lora-target-modules", " , "], "name no module"),
         (["--lora-r", "4", "--fsdp"], "--lora-r with --fsdp is not supported"),
         (["--task-train-size", "9900"], "at most 10000"),
-        (["--data", "/"], "/: is a directory; pass the RRHF JSONL file itself"),
+        (["--data", "/"], "/: is a directory"),
         (["--device", "foo"], "--device foo: not a torch device"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
         (["--output-dir", "/proc/version/o"], "--output-dir /proc/version/o: cannot write there"),
