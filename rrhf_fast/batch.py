@@ -246,3 +246,11 @@ def pack_batch(prompts, candidates, rewards, *, max_tokens: int = DEFAULT_MAX_TO
         cu_groups=torch.tensor(cu_groups, dtype=torch.long),
         pad_token_id=pad_token_id,
     )
+
+
+def pack_examples(examples, *, max_tokens: int = DEFAULT_MAX_TOKENS, pad_token_id: int = 0) -> PackedBatch:
+    """pack_batch of tokenised examples (rrhf_fast.data.TokenizedExample): their prompts, candidates and rewards."""
+    return pack_batch(
+        [ex.prompt for ex in examples], [ex.candidates for ex in examples], [ex.rewards for ex in examples],
+        max_tokens=max_tokens, pad_token_id=pad_token_id,
+    )

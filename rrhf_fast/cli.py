@@ -1,6 +1,7 @@
 """What the command-line entry points share: bad input ends as one line on stderr and exit status 2."""
 
 import argparse
+import contextlib
 import math
 import sys
 
@@ -14,6 +15,18 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise InputError(message)
+
+
+@contextlib.contextmanager
+def bad_input(prefix: str = ""):
+    """Inside it, a ValueError or TypeError (what library code raises on bad arguments, rrhf_fast.data.DataError
+    included) is the user's input: re-raised as an InputError, `prefix` before its message.
+
+    Used around the calls that check user input, not around a whole command, where it would hide bugs."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{prefix}{err}") from None
 
 
 def number(kind=float, low=None, low_inclusive=True):

@@ -49,9 +49,10 @@ def build_model(
     hidden_size: int = 96,
     num_layers: int = 2,
     num_heads: int = 4,
-    max_positions: int = 64,
+    max_positions: int = 1024,
 ) -> LlamaForCausalLM:
-    """A small Llama whose weights depend only on `seed` and the sizes."""
+    """A small Llama whose weights depend only on `seed` and the sizes (max_positions changes no weight: rotary
+    positions have none; it is the --model-max-length the saved model accepts, as many as the tokenizer's)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

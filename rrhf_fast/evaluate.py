@@ -14,16 +14,11 @@ with one line naming the file, line and problem.
 """
 
 import argparse
-import importlib
 import json
-import os
 import sys
-from types import SimpleNamespace
 
-import torch
-from tqdm import tqdm
-
-from rrhf_fast.cli import InputError, Parser, run
+from rrhf_fast import loading
+from rrhf_fast.cli import Parser, bad_input, number, run
 
 PROG = "rrhf_fast.evaluate"
 
@@ -37,96 +32,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reward",
         help="score greedy generations too: 'task' (the built-in addition task) or 'module:function' "
-        "(called with query and response, returns a float)",
+        "(called with query and response, returns a finite float)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="queries per forward pass (default 16)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="score = sum logp / L ** this (default 1)")
-    p.add_argument("--model-max-length", type=int, default=512, help="tokens per candidate, prompt + response")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="greedy answer length with --reward (default 128)")
+    p.add_argument("--batch-size", type=number(int, 1), default=16, help="queries per forward pass (default 16)")
+    p.add_argument("--length-penalty", type=number(float, 0), default=1.0, help="score = sum logp / L ** this (default 1)")
+    p.add_argument("--model-max-length", type=number(int, 2), default=512, help="tokens per candidate, prompt + response (default 512); at most the model's positions")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=128, help="greedy answer length with --reward (default 128)")
     p.add_argument("--prefix-mode", default="auto", choices=["auto", "packed", "kv-cache", "none"], help="prefix sharing")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code shipped in --model")
     return p
 
 
-def load_reward(spec: str):
-    """'task' or 'module:function' -> a callable (query, response) -> float."""
-    if spec == "task":
-        from rrhf_fast.task import reward
-
-        return reward
-    module_name, _, function_name = spec.partition(":")
-    if not module_name or not function_name:
-        raise InputError(f"--reward {spec!r}: expected 'task' or 'module:function'")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # a module in the working directory, as `python -m` would find it
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # whatever the user's module raises while importing is bad input, not a crash
-        raise InputError(f"--reward {spec!r}: importing {module_name} failed: {type(err).__name__}: {err}") from None
-    function = getattr(module, function_name, None)
-    if function is None:
-        raise InputError(f"--reward {spec!r}: {module_name} has no attribute {function_name!r}")
-    if not callable(function):
-        raise InputError(f"--reward {spec!r}: {function_name} is not callable")
-    return function
-
-
-@torch.no_grad()
-def candidate_scores(model, examples, *, batch_size, mode, length_penalty, pad_token_id):
-    """[[score of each candidate] for each example]: length-normalised log-probabilities under `model`."""
-    from rrhf_fast.batch import pack_batch
-    from rrhf_fast.prefix import model_loss
-
-    model.eval()
-    scores = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="scoring", unit="batch", file=sys.stderr):
-        chunk = examples[start : start + batch_size]
-        batch = pack_batch(
-            [ex.prompt for ex in chunk],
-            [ex.candidates for ex in chunk],
-            [ex.rewards for ex in chunk],
-            pad_token_id=pad_token_id,
-        )
-        flat = model_loss(model, batch, mode=mode, length_penalty=length_penalty).scores.float().cpu().tolist()
-        bounds = batch.cu_groups.tolist()
-        scores += [flat[first:last] for first, last in zip(bounds[:-1], bounds[1:])]
-    return scores
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from rrhf_fast.data import DataError, read_jsonl, tokenize
-    from rrhf_fast.evaluate_model import greedy_answers, mean_reward, pair_accuracy
-    from rrhf_fast.train import load_model_and_tokenizer
-
-    if args.batch_size < 1 or args.model_max_length < 2 or args.max_new_tokens < 1:
-        raise InputError("--batch-size and --max-new-tokens must be >= 1, --model-max-length >= 2")
-    if not os.path.isfile(args.data):
-        raise InputError(f"{args.data}: no such file")
-    reward_fn = load_reward(args.reward) if args.reward else None
+    from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
+    from rrhf_fast.data import tokenize
+    from rrhf_fast.metrics import candidate_scores, greedy_answers, mean_reward, pair_accuracy
+
+    with bad_input():
+        device = loading.device(args.device)
+        examples = loading.read_data(args.data)
+        loading.check_output_file(args.out, "--out")
+        loading.check_output_file(args.json, "--json")
+        reward_fn = loading.reward_function(args.reward) if args.reward else None
+        loading.check_max_length(loading.model_config(args.model, trust_remote_code=args.trust_remote_code),
+                                 args.model_max_length, args.model)  # fmt: skip
     hf_logging.disable_progress_bar()
-    try:
-        model, tokenizer = load_model_and_tokenizer(SimpleNamespace(trust_remote_code=args.trust_remote_code), args.model)
-        examples = read_jsonl(args.data)
+    with bad_input():
+        model, tokenizer = loading.load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    with bad_input(f"{args.model}: "):
         tokenized, cut = tokenize(examples, tokenizer, args.model_max_length)
-    except DataError as err:
-        raise InputError(str(err)) from None
+    with bad_input():
+        loading.check_encodes(examples, tokenized, tokenizer, args.model)
     if cut.prompts or cut.responses:
         print(f"{PROG}: warning: {args.data}: {cut} to fit --model-max-length {args.model_max_length}", file=sys.stderr)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model.to(device)
 
+    progress = lambda starts: tqdm(starts, desc="scoring", unit="batch", file=sys.stderr)  # noqa: E731
     scores = candidate_scores(
-        model,
-        tokenized,
-        batch_size=args.batch_size,
-        mode=args.prefix_mode,
-        length_penalty=args.length_penalty,
-        pad_token_id=tokenizer.pad_token_id or 0,
-    )
+        model, tokenized, batch_size=args.batch_size, mode=args.prefix_mode, length_penalty=args.length_penalty,
+        pad_token_id=tokenizer.pad_token_id or 0, progress=progress,
+    )  # fmt: skip
     flat_scores = [s for group in scores for s in group]
     flat_rewards = [r for ex in tokenized for r in ex.rewards]
     bounds = [0]
@@ -144,7 +93,8 @@ def main(argv=None) -> int:
     if reward_fn is not None:
         queries = [ex.query for ex in examples]
         answers = greedy_answers(model, tokenizer, queries, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        summary["reward"] = mean_reward(reward_fn, queries, answers)
+        with bad_input():  # a reward that returns a string, a bool or NaN
+            summary["reward"] = mean_reward(reward_fn, queries, answers)
 
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
@@ -152,9 +102,9 @@ def main(argv=None) -> int:
                 line = {"query": ex.query, "responses": ex.responses, "scores": ex.scores, "model_scores": group}
                 f.write(json.dumps(line) + "\n")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
+        from rrhf_fast.checkpoint import save_json
+
+        save_json(summary, args.json)
     rank_acc = "n/a (no pair of different rewards)" if pairs == 0 else f"{summary['rank_acc']:.4f}"
     rows = [("queries", summary["queries"]), ("candidates", summary["candidates"]), ("pairs", pairs)]
     rows += [("ranking accuracy", rank_acc)]

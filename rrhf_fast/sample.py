@@ -27,15 +27,14 @@ Bad input exits with status 2 and one line on stderr naming the file and line.
 
 import argparse
 import json
-import math
 import os
 import sys
 
 import torch
 
+from rrhf_fast import loading
+from rrhf_fast.cli import InputError, Parser, bad_input, number, run
 from rrhf_fast.data import DataError
-from rrhf_fast.cli import InputError, Parser, number, run
-from rrhf_fast.evaluate import load_reward  # one --reward syntax for both commands
 
 PROG = "rrhf_fast.sample"
 
@@ -193,56 +192,6 @@ def sample_candidates(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rewards
-
-
-def function_reward(spec: str):
-    """f(queries, responses) -> scores from "task" or "module:function" (see rrhf_fast.evaluate.load_reward)."""
-    fn = load_reward(spec)
-
-    def score(queries: list[str], responses: list[str]) -> list[float]:
-        out = []
-        for q, r in zip(queries, responses):
-            value = fn(q, r)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InputError(f"--reward {spec}: returned {value!r} for query {q!r}; expected a finite float")
-            out.append(float(value))
-        return out
-
-    return score
-
-
-def model_reward(path: str, *, device: torch.device, batch_size: int, trust_remote_code: bool = False):
-    """f(queries, responses) -> logit 0 of a sequence-classification model on "query + response", batched."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise InputError(f"--reward-model {path}: not a Hugging Face model directory (no config.json)")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as err:  # anything from_pretrained raises on a user's directory is bad input
-        raise InputError(f"--reward-model {path}: cannot load: {' '.join(str(err).split())}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:  # needed to find each row's last token in a padded batch
-        model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device).eval()
-
-    @torch.no_grad()
-    def score(queries: list[str], responses: list[str]) -> list[float]:
-        texts = [q + r for q, r in zip(queries, responses)]
-        out = []
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True).to(device)
-            out += model(**enc).logits[:, 0].float().tolist()
-        return out
-
-    return score
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -271,39 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_policy(path: str, device: torch.device, dtype: str, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not os.path.isdir(path):
-        raise InputError(f"--model {path}: no such model directory")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise InputError(f"--model {path}: not a Hugging Face model directory (no config.json)")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    except Exception as err:  # anything from_pretrained raises on a user's directory is bad input
-        raise InputError(f"--model {path}: cannot load the model or tokenizer: {' '.join(str(err).split())}") from None
-    if tokenizer.eos_token_id is None:
-        raise InputError(f"--model {path}: the tokenizer has no eos_token (a candidate ends at EOS)")
-    return model.to(device).eval(), tokenizer
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if (args.reward is None) == (args.reward_model is None):
         raise InputError("give exactly one of --reward (task or module:function) and --reward-model PATH")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    try:
+    with bad_input():
+        device = loading.device(args.device)
+        loading.check_output_file(args.out, "--out")
         queries = read_queries(args.queries)
         done = read_done(args.out, [q for q, _, _ in queries])
-    except DataError as err:
-        raise InputError(str(err)) from None
-    reward = function_reward(args.reward) if args.reward else None
-    model, tokenizer = load_policy(args.model, device, args.dtype, args.trust_remote_code)
-    if args.reward_model:
-        reward = model_reward(args.reward_model, device=device, batch_size=args.reward_batch_size, trust_remote_code=args.trust_remote_code)
+        if args.reward:  # one --reward syntax for sample and evaluate, the values checked as they come
+            function = loading.reward_function(args.reward)
+            reward = lambda qs, rs: [function(q, r) for q, r in zip(qs, rs)]  # noqa: E731
+        dtype = loading.compute_dtype(args.dtype, device)
+        model, tokenizer = loading.load_model_and_tokenizer(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        model.to(device).eval()
+        if args.reward_model:
+            reward = loading.reward_model(args.reward_model, on=device, batch_size=args.reward_batch_size,
+                                          trust_remote_code=args.trust_remote_code)  # fmt: skip
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
     from tqdm import tqdm
@@ -320,7 +254,8 @@ def main(argv=None) -> int:
                 temperature=args.temperature, top_p=args.top_p, generator=generator, diversity_penalty=args.diversity_penalty,
             )
             responses = (existing if args.keep_existing else []) + tokenizer.batch_decode(tokens, skip_special_tokens=True)
-            scores = reward([query] * len(responses), responses)
+            with bad_input():
+                scores = reward([query] * len(responses), responses)
             out.write(json.dumps({"query": query, "responses": responses, "scores": scores}) + "\n")
             out.flush()
     return 0

@@ -1,27 +1,18 @@
 """`python -m rrhf_fast.evaluate`: scores against an independent full-sequence forward, accuracy, rewards, errors."""
 
 import json
+import sys
 
 import pytest
 import torch
 
-from rrhf_fast import evaluate
-from rrhf_fast.default_model import build_model, build_tokenizer
+from rrhf_fast import evaluate, task
 
 RECORDS = [
     {"query": "12+30=", "responses": ["42", "43", "24", "7"], "scores": [1.0, 0.8, 0.2, 0.0]},
     {"query": "5+5=", "responses": ["10", "11"], "scores": [1.0, 1.0]},  # a tie: no pair
     {"query": "99+1=", "responses": ["100", "1", "0100"], "scores": [0.5, 0.9, 0.1]},
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("model")
-    tokenizer = build_tokenizer()
-    build_model(tokenizer, seed=3, hidden_size=32, num_layers=1).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 @pytest.fixture
@@ -31,23 +22,12 @@ def data_file(tmp_path):
     return str(path)
 
 
-def full_sequence_score(model, tokenizer, query, response):
-    """Mean log-probability of response + EOS after the query, from one plain forward over the whole text."""
-    prompt = tokenizer(query)["input_ids"]
-    answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = torch.tensor([prompt + answer])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-    picked = logp[len(prompt) - 1 :].gather(1, torch.tensor(answer)[:, None])
-    return picked.mean().item()
-
-
-def test_scores_and_accuracy_match_an_independent_forward(model_dir, data_file, tmp_path):
+def test_scores_and_accuracy_match_an_independent_forward(tiny_llama, data_file, tmp_path, full_sequence_score):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, summary = tmp_path / "scores.jsonl", tmp_path / "eval.json"
-    assert evaluate.cli(["--model", model_dir, "--data", data_file, "--out", str(out), "--json", str(summary)]) == 0
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    assert evaluate.cli(["--model", tiny_llama, "--data", data_file, "--out", str(out), "--json", str(summary)]) == 0
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     correct = pairs = 0
     for record, line in zip(RECORDS, lines):
@@ -65,15 +45,40 @@ def test_scores_and_accuracy_match_an_independent_forward(model_dir, data_file, 
     assert "reward" not in result
 
 
-def test_reward_function_and_task_reward(model_dir, data_file, tmp_path, monkeypatch):
-    (tmp_path / "evaluate_test_reward.py").write_text("def constant(query, response):\n    return 0.25\n")
+def answer_bytes(query, response):
+    return float(len(response.encode()) + 0.5 * response.count("1"))
+
+
+def test_reward_function_and_task_reward(tiny_llama, data_file, tmp_path, monkeypatch, independent_greedy_answers):
+    """The mean reward of the greedy answers equals one computed from transformers' own generate: a constant reward,
+    one that depends on the answer's bytes (a random model's answers differ in length), and the task's."""
+    (tmp_path / "evaluate_test_reward.py").write_text(
+        "def constant(query, response):\n    return 0.25\n\n"
+        "def answer_bytes(query, response):\n    return float(len(response.encode()) + 0.5 * response.count('1'))\n"
+    )
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the command puts the current directory on it
     summary = tmp_path / "eval.json"
-    args = ["--model", model_dir, "--data", data_file, "--max-new-tokens", "3", "--json", str(summary)]
-    assert evaluate.cli([*args, "--reward", "evaluate_test_reward:constant"]) == 0
-    assert json.loads(summary.read_text())["reward"] == 0.25
-    assert evaluate.cli([*args, "--reward", "task"]) == 0
-    assert 0.0 <= json.loads(summary.read_text())["reward"] <= 1.0
+    args = ["--model", tiny_llama, "--data", data_file, "--max-new-tokens", "3", "--json", str(summary)]
+    queries = [r["query"] for r in RECORDS]
+    answers = independent_greedy_answers(tiny_llama, queries, 3)
+    want = [sum(f(q, a) for q, a in zip(queries, answers)) / len(queries) for f in (answer_bytes, task.reward)]
+    for spec, expected in (("evaluate_test_reward:constant", 0.25), ("evaluate_test_reward:answer_bytes", want[0]),
+                           ("task", want[1])):  # fmt: skip
+        assert evaluate.cli([*args, "--reward", spec]) == 0
+        assert json.loads(summary.read_text())["reward"] == pytest.approx(expected, abs=1e-12), spec
+
+
+@pytest.mark.parametrize("returned", ["'0.5'", "float('nan')", "True", "None"])
+def test_reward_that_is_not_a_finite_number_exits_2(tiny_llama, data_file, tmp_path, monkeypatch, capsys, returned):
+    (tmp_path / "evaluate_bad_reward.py").write_text(f"def bad(query, response):\n    return {returned}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the command puts the current directory on it
+    argv = ["--model", tiny_llama, "--data", data_file, "--max-new-tokens", "2", "--reward", "evaluate_bad_reward:bad"]
+    assert evaluate.cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("rrhf_fast.evaluate: error: --reward evaluate_bad_reward:bad: returned ")
+    assert "expected a finite float" in err[-1] and "Traceback" not in "".join(err)
 
 
 @pytest.mark.parametrize(
@@ -84,10 +89,16 @@ def test_reward_function_and_task_reward(model_dir, data_file, tmp_path, monkeyp
         (["--reward", "nocolon"], "expected 'task' or 'module:function'"),
         (["--reward", "no_such_module_xyz:f"], "No module named"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--length-penalty", "nan"], "not a finite number"),
+        (["--model-max-length", "2000"], "--model-max-length 2000 is past the 1024 positions"),
+        (["--device", "foo"], "--device foo: not a torch device"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
+        (["--out", "/"], "--out /: is a directory"),
+        (["--data", "/"], "/: is a directory"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(model_dir, data_file, capsys, change, message):
-    args = {"--model": model_dir, "--data": data_file}
+def test_bad_input_exits_2_with_one_line(tiny_llama, data_file, capsys, change, message):
+    args = {"--model": tiny_llama, "--data": data_file}
     for flag, value in zip(change[::2], change[1::2]):
         args[flag] = value
     assert evaluate.cli([x for kv in args.items() for x in kv]) == 2
@@ -95,8 +106,8 @@ def test_bad_input_exits_2_with_one_line(model_dir, data_file, capsys, change, m
     assert len(err) == 1 and err[0].startswith("rrhf_fast.evaluate: error:") and message in err[0]
 
 
-def test_bad_data_line_names_file_and_line(model_dir, tmp_path, capsys):
+def test_bad_data_line_names_file_and_line(tiny_llama, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(RECORDS[0]) + "\n" + '{"query": "1+1=", "responses": ["2"]}\n')
-    assert evaluate.cli(["--model", model_dir, "--data", str(path)]) == 2
+    assert evaluate.cli(["--model", tiny_llama, "--data", str(path)]) == 2
     assert f"{path}:2:" in capsys.readouterr().err

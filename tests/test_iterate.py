@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from rrhf_fast import task
 from rrhf_fast.data import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +23,7 @@ def run(module, *args, cwd):
     return proc
 
 
-def test_two_iterations_of_sample_then_train(tmp_path):
+def test_two_iterations_of_sample_then_train(tmp_path, independent_rank_acc, independent_greedy_answers):
     run("rrhf_fast.train", *TINY, *SHORT, "--output-dir", "iter1", cwd=tmp_path)
     data = tmp_path / "iter1" / "data"
     queries = tmp_path / "queries.jsonl"
@@ -40,11 +43,15 @@ def test_two_iterations_of_sample_then_train(tmp_path):
         "--output-dir", "iter2", "--learning-rate", "1e-3", *SHORT, cwd=tmp_path,
     )  # fmt: skip
     summary = json.loads((tmp_path / "iter2" / "summary.json").read_text())
-    assert summary["steps"] == 3 and 0.0 <= summary["eval_after"]["rank_acc"] <= 1.0
+    correct, pairs = independent_rank_acc(str(tmp_path / "iter2" / "final"), str(data / "eval.jsonl"))
+    assert summary["steps"] == 3 and summary["eval_after"]["rank_acc"] == pytest.approx(correct / pairs)
 
     out = run(
         "rrhf_fast.evaluate", "--model", "iter2/final", "--data", str(data / "eval.jsonl"), "--reward", "task",
         "--max-new-tokens", "4", "--json", "eval.json", cwd=tmp_path,
     )  # fmt: skip
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["queries"] == 8 and 0.0 <= result["reward"] <= 1.0 and "ranking accuracy" in out.stdout
+    assert result["queries"] == 8 and result["rank_acc"] == pytest.approx(correct / pairs) and "ranking accuracy" in out.stdout
+    queries = [ex.query for ex in read_jsonl(str(data / "eval.jsonl"))]
+    answers = independent_greedy_answers(str(tmp_path / "iter2" / "final"), queries, 4)
+    assert result["reward"] == pytest.approx(sum(task.reward(q, a) for q, a in zip(queries, answers)) / len(queries))

@@ -23,13 +23,9 @@ FAST = ["-k", "3", "--max-new-tokens", "4", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
+def policy(tiny_llama):
     """A tiny random causal LM and its byte tokenizer, saved in Hugging Face format."""
-    path = tmp_path_factory.mktemp("policy")
-    tokenizer = build_tokenizer()
-    build_model(tokenizer, seed=0, hidden_size=32, num_layers=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return tiny_llama
 
 
 @pytest.fixture()
@@ -207,6 +203,9 @@ def test_bad_queries_file(policy, tmp_path, capsys, content, where, what):
         (["--reward", "task", "-k", "0"], "-k"),
         (["--reward", "task", "--queries", "missing.jsonl"], "no such file"),
         (["--reward", "task", "--model", "missing_dir"], "no such model directory"),
+        (["--reward", "task", "--out", "/"], "--out /: is a directory"),
+        (["--reward", "task", "--device", "foo"], "--device foo: not a torch device"),
+        (["--reward", "task", "--device", "cuda"] if not torch.cuda.is_available() else ["--reward", "task", "--device", "cuda:99"], "--device cuda"),
     ],
 )
 def test_bad_flags(policy, queries, tmp_path, capsys, extra, what):
@@ -220,3 +219,14 @@ def test_out_from_other_queries_is_refused(policy, queries, tmp_path, capsys):
     out.write_text(json.dumps({"query": "other", "responses": ["a"], "scores": [0.0]}) + "\n")
     rc, err = run_inprocess(["--model", policy, "--queries", queries, "--out", str(out), "--reward", "task"], capsys)
     assert rc == 2 and "o.jsonl:1:" in err and "does not match" in err
+
+
+@pytest.mark.parametrize("returned", ["'0.5'", "float('nan')"])
+def test_reward_that_is_not_a_finite_number_exits_2(policy, queries, tmp_path, monkeypatch, capsys, returned):
+    (tmp_path / "sample_bad_reward.py").write_text(f"def bad(query, response):\n    return {returned}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI puts the current directory on it
+    rc, err = run_inprocess(["--model", policy, "--queries", queries, "--out", "o.jsonl", "--reward", "sample_bad_reward:bad", *FAST], capsys)
+    last = err.strip().splitlines()[-1]  # after the progress bars
+    assert rc == 2 and last.startswith("rrhf_fast.sample: error: --reward sample_bad_reward:bad: returned ")
+    assert "finite float" in last and "Traceback" not in err

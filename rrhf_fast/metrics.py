@@ -7,7 +7,7 @@ RRHF loss ranks) is strictly below p_j. Ties in reward make no pair; a tie in sc
 
 import torch
 
-from rrhf_fast.batch import pack_batch
+from rrhf_fast.batch import pack_examples
 from rrhf_fast.prefix import model_loss
 
 
@@ -33,10 +33,7 @@ def ranking_accuracy(
     correct = pairs = 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        batch = pack_batch(
-            [ex.prompt for ex in chunk], [ex.candidates for ex in chunk], [ex.rewards for ex in chunk],
-            max_tokens=max_tokens, pad_token_id=pad_token_id,
-        )
+        batch = pack_examples(chunk, max_tokens=max_tokens, pad_token_id=pad_token_id)
         scores = model_loss(model, batch, mode=mode, **loss_options).scores
         c, p = pair_accuracy(scores.float().cpu(), batch.rewards, batch.cu_groups)
         correct, pairs = correct + c, pairs + p
@@ -67,5 +64,23 @@ def greedy_answers(model, tokenizer, queries: list[str], *, batch_size: int, max
 
 
 def mean_reward(reward_fn, queries: list[str], answers: list[str]) -> float:
-    """The task's reward averaged over (query, answer) pairs."""
+    """reward_fn(query, answer) averaged over the pairs."""
     return sum(reward_fn(q, a) for q, a in zip(queries, answers)) / len(queries)
+
+
+def candidate_scores(model, examples, *, batch_size: int, mode: str, length_penalty: float, pad_token_id: int, progress=None):
+    """[[score of each candidate] for each example]: length-normalised log-probabilities under `model`.
+
+    progress: wraps the range of batch starts (e.g. a tqdm bar); None: no progress shown."""
+    was_training = model.training
+    model.eval()
+    scores = []
+    starts = range(0, len(examples), batch_size)
+    with torch.no_grad():
+        for start in progress(starts) if progress else starts:
+            batch = pack_examples(examples[start : start + batch_size], pad_token_id=pad_token_id)
+            flat = model_loss(model, batch, mode=mode, length_penalty=length_penalty).scores.float().cpu().tolist()
+            bounds = batch.cu_groups.tolist()
+            scores += [flat[first:last] for first, last in zip(bounds[:-1], bounds[1:])]
+    model.train(was_training)
+    return scores

@@ -1,0 +1,239 @@
+"""Checkpoints of rrhf_fast.train: atomic directories, RNG states, find / write / load / prune.
+
+A checkpoint is `<output-dir>/checkpoint-<step>/`:
+    model + tokenizer     Hugging Face format (safetensors); under LoRA the adapter alone
+    optimizer.pt          AdamW state (gathered onto rank 0 under FSDP2)
+    scheduler.pt          the learning-rate schedule's state
+    rng.pt                rank 0's RNG states (python, numpy, torch, this GPU's); rng-rank<r>.pt for rank r > 0
+    train_config.json     the resolved TrainConfig
+    trainer_state.json    step, data position, tokens, eval_before, world size: written last, so its presence
+                          marks the checkpoint complete
+Every directory is written into a temporary one beside it, its files fsynced, then renamed into place: a
+crash leaves a `.tmp-*` directory, never half a checkpoint. JSON is written with NaN and infinities as null,
+so that metrics.jsonl and summary.json stay valid JSON.
+"""
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from rrhf_fast import distributed
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class LoopState:
+    """Where the training loop is: what a checkpoint needs to continue it exactly."""
+
+    step: int = 0
+    data_position: int = 0  # micro-batches taken since the start of training
+    tokens: int = 0  # response tokens trained on since the start of training
+    eval_before: dict | None = None  # the held-out evaluation before step 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files
+
+
+def finite_or_none(obj):
+    """obj with every NaN or infinite float replaced by None (JSON has no NaN), through dicts and lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_line(obj) -> str:
+    """One line of strict JSON (NaN and infinities as null)."""
+    return json.dumps(finite_or_none(obj), allow_nan=False)
+
+
+def save_json(obj, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(finite_or_none(obj), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+def load_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def append_jsonl(path: str, obj) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json_line(obj) + "\n")
+
+
+def read_jsonl(path: str) -> list:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _fsync_tree(directory: str) -> None:
+    for root, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_dir(final_path: str, write) -> None:
+    """write(tmp_dir) into a fresh temporary directory beside final_path, fsync it, then rename it into place."""
+    parent = os.path.dirname(final_path) or "."
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(final_path)}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    _fsync_tree(tmp)
+    if os.path.exists(final_path):  # a re-run of the same step: swap, then drop the old one
+        old = f"{tmp}-old"
+        os.replace(final_path, old)
+        os.replace(tmp, final_path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final_path)
+    _fsync_dir(parent)  # the rename itself
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG states
+
+
+def rng_states(device) -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":  # this process's GPU alone: asking for every GPU's would start a CUDA context on each
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and device.type == "cuda":
+        if isinstance(states["cuda"], (list, tuple)):  # every GPU's, as checkpoints before torchrun support hold
+            torch.cuda.set_rng_state_all(states["cuda"])
+        else:
+            torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def rng_file(rank: int) -> str:
+    """rng.pt: rank 0's RNG states (a single process's); rng-rank<r>.pt: the other ranks' under torchrun."""
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Find, write, load, prune
+
+
+def checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint in output_dir, oldest first."""
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def latest(output_dir: str) -> str | None:
+    """The newest complete checkpoint in output_dir, or None."""
+    found = checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def prune(output_dir: str, keep: int | None) -> None:
+    """Delete all but the newest `keep` complete checkpoints (keep None: delete none)."""
+    if keep is None:
+        return
+    for _, path in checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path)
+
+
+def save_model(directory: str, model, tokenizer, weights, *, lora: bool, merge: bool = False) -> None:
+    """The weights (a full state dict from rank 0), or under LoRA the adapter, or the merged model; and the tokenizer."""
+    if lora and merge:
+        from rrhf_fast.lora import merged_model
+
+        merged_model(model).save_pretrained(directory)
+    elif lora:
+        from rrhf_fast.lora import save_adapter
+
+        save_adapter(model, directory)
+    else:
+        model.save_pretrained(directory, state_dict=weights)
+    tokenizer.save_pretrained(directory)
+
+
+def write(output_dir: str, state: LoopState, *, model, tokenizer, train_module, optimizer, scheduler, world, config: dict,
+          micro_per_epoch: int) -> str:  # fmt: skip
+    """checkpoint-<step>/ of the loop at `state`; every rank calls it (FSDP2 gathers onto rank 0), rank 0 writes."""
+    weights = distributed.full_model_state(model, world)
+    optimizer_state = distributed.optimizer_state(train_module, optimizer, world)
+    rngs = distributed.gather_objects(rng_states(world.device), world)
+    path = os.path.join(output_dir, f"checkpoint-{state.step}")
+    if not world.is_main:
+        return path
+
+    def fill(tmp):
+        save_model(tmp, model, tokenizer, weights, lora=bool(config["lora_r"]))
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        for rank, states in enumerate(rngs):
+            torch.save(states, os.path.join(tmp, rng_file(rank)))
+        save_json(config, os.path.join(tmp, "train_config.json"))
+        trainer_state = {**asdict(state), "epoch": state.data_position / micro_per_epoch, "world_size": world.size,
+                         "fsdp": world.fsdp}  # fmt: skip
+        save_json(trainer_state, os.path.join(tmp, STATE_FILE))  # written last: marks the checkpoint complete
+
+    atomic_dir(path, fill)
+    return path
+
+
+def read_state(checkpoint: str) -> dict:
+    return load_json(os.path.join(checkpoint, STATE_FILE))
+
+
+def check_resumable(checkpoint: str, world) -> None:
+    """A checkpoint resumes only in a job of the same shape: its data position counts global micro-batches of
+    --batch-size x processes, it holds one RNG state a rank, and under --fsdp its optimizer state is keyed by name.
+    ValueError otherwise."""
+    state = read_state(checkpoint)
+    size, fsdp = state.get("world_size", 1), state.get("fsdp", False)
+    if size != world.size:
+        raise ValueError(
+            f"{checkpoint} was written by {size} process{'es' if size > 1 else ''} and this run has {world.size}: "
+            f"--resume needs the same number (torchrun --nproc_per_node x --nnodes = {size}); to go on at another size, "
+            f"start a new run from its weights with --model {checkpoint}"
+        )
+    if fsdp != world.fsdp:
+        raise ValueError(f"{checkpoint} was written {'with' if fsdp else 'without'} --fsdp: resume {'with' if fsdp else 'without'} it")
+
+
+def load(checkpoint: str, *, train_module, optimizer, scheduler, world) -> LoopState:
+    """Restore the optimizer, the schedule and this rank's RNG states; the loop state to continue from.
+    (The model's weights, or the adapter's, are loaded with the model, before it is wrapped.)"""
+    state = read_state(checkpoint)
+    distributed.load_optimizer_state(train_module, optimizer, os.path.join(checkpoint, "optimizer.pt"), world)
+    scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt")))
+    set_rng_states(torch.load(os.path.join(checkpoint, rng_file(world.rank)), weights_only=False), world.device)
+    return LoopState(state["step"], state["data_position"], state["tokens"], state["eval_before"])

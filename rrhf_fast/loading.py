@@ -1,0 +1,250 @@
+"""What the three commands (train, evaluate, sample) load, checked once: device, model, tokenizer, reward, data.
+
+Every function raises ValueError (or rrhf_fast.data.DataError, a ValueError) naming the flag or path and
+what to do; the commands turn those into one line on stderr and exit status 2, before any work is done.
+
+    device(spec)                          "auto", "cpu", "cuda", "cuda:N" -> torch.device, or why not
+    compute_dtype(spec, device)           "auto" (bf16 on CUDA, fp32 elsewhere), "float32", "bfloat16"
+    model_config(path)                    the config of a model directory (no weights read)
+    load_model_and_tokenizer(path)        AutoModelForCausalLM + AutoTokenizer, with the checks they need
+    embedded_model(seed, ...)             the embedded tiny Llama and its byte tokenizer
+    check_max_length(config, n, path)     --model-max-length within the model's positions
+    check_encodes(examples, tok, path)    a tokenizer that tells the responses apart
+    reward_function(spec)                 "task" or "module:function" -> f(query, response) -> float, checked
+    reward_model(path, ...)               a sequence-classification model -> f(queries, responses) -> floats
+    read_data(path)                       the examples of a data file
+    check_writable(directory)             an output directory this process can write into
+    check_output_file(path, flag)         an output file: not a directory, in a writable one
+"""
+
+import importlib
+import math
+import os
+import sys
+import tempfile
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def device(spec: str) -> torch.device:
+    """The --device flag as a torch.device this process can use; "auto": cuda when available, else cpu."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {spec}: not a torch device; pass cpu, cuda, cuda:N or auto") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: this torch ({torch.__version__}) sees no CUDA device; pass --device cpu or auto")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible; pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    try:
+        torch.empty(0, device=chosen)
+    except Exception as err:  # mps, xpu, ... that this build or machine lacks
+        raise ValueError(f"--device {spec}: cannot use it here ({' '.join(str(err).split())}); pass cpu or auto") from None
+    return chosen
+
+
+def compute_dtype(spec: str, on: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on CUDA, float32 elsewhere; or the named dtype."""
+    if spec == "auto":
+        return torch.bfloat16 if on.type == "cuda" else torch.float32
+    return getattr(torch, spec)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model and tokenizer
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def model_config(path: str, *, trust_remote_code: bool = False):
+    """The transformers config of a local model directory, read before any weight is."""
+    from transformers import AutoConfig
+
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: no such model directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # anything transformers raises on a user's directory is bad input, not a crash
+        raise ValueError(f"{path}: cannot load the model or tokenizer: {_one_line(err)}") from None
+
+
+def load_model_and_tokenizer(path: str, *, dtype=torch.float32, trust_remote_code: bool = False):
+    """(model, tokenizer) from a local Hugging Face causal-LM directory; pad_token set to EOS when missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_config(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ValueError(f"{path}: cannot load the model or tokenizer: {_one_line(err)}") from None
+    check_tokenizer(model, tokenizer, path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def embedded_model(*, seed: int, hidden_size: int, num_layers: int, max_positions: int):
+    """(model, tokenizer): the embedded tiny Llama initialised from seed, and its byte-level tokenizer."""
+    from rrhf_fast.default_model import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed=seed, hidden_size=hidden_size, num_layers=num_layers, max_positions=max_positions)
+    return model, tokenizer
+
+
+def check_tokenizer(model, tokenizer, path: str) -> None:
+    """A tokenizer that ends candidates with EOS and whose ids all have a row in the model's input embeddings."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has no eos_token (a candidate ends at EOS); set one in its tokenizer_config.json")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's input embeddings have {rows} rows; "
+            f"use the model's own tokenizer, or model.resize_token_embeddings({len(tokenizer)}) and save it"
+        )
+
+
+def max_positions(config) -> int | None:
+    """The positions a model's config declares (its text config's, for a multimodal one), or None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(config, model_max_length: int, path: str) -> None:
+    positions = max_positions(config)
+    if positions is not None and model_max_length > positions:
+        raise ValueError(
+            f"--model-max-length {model_max_length} is past the {positions} positions of {path}; "
+            f"pass --model-max-length {positions} or less"
+        )
+
+
+def check_encodes(examples, tokenized, tokenizer, path: str) -> None:
+    """A tokenizer that cannot tell the data's responses apart (each to nothing, or to unknown tokens only) is the
+    wrong one, often a placeholder transformers built for a model directory without tokenizer files."""
+    texts = {r for ex in examples for r in ex.responses}
+    encoded = {tuple(c) for ex in tokenized for c in ex.candidates}
+    ids = {i for c in encoded for i in c} - {tokenizer.eos_token_id}
+    unknown = tokenizer.unk_token_id
+    if (len(texts) > 1 and len(encoded) == 1) or (ids and unknown is not None and ids <= {unknown}):
+        raise ValueError(
+            f"{path}: its tokenizer encodes the {len(texts)} different responses to {len(encoded)} token sequence(s) "
+            f"of ids {sorted(ids)[:5]}: it cannot encode this data; are the tokenizer files (tokenizer.json, "
+            f"tokenizer_config.json) missing from the model directory?"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rewards
+
+
+def reward_function(spec: str):
+    """'task' (the addition task's) or 'module:function' -> f(query, response) -> float.
+
+    The result is checked on every call: a value that is not a finite number raises ValueError naming the query."""
+    if spec == "task":
+        from rrhf_fast.task import reward as function
+    else:
+        function = _import_function(spec)
+
+    def checked(query: str, response: str) -> float:
+        value = function(query, response)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"--reward {spec}: returned {value!r} for query {query!r}; expected a finite float")
+        return float(value)
+
+    return checked
+
+
+def _import_function(spec: str):
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"--reward {spec!r}: expected 'task' or 'module:function'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a module in the working directory, as `python -m` would find it
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # whatever the user's module raises while importing is bad input, not a crash
+        raise ValueError(f"--reward {spec!r}: importing {module_name} failed: {type(err).__name__}: {err}") from None
+    function = getattr(module, function_name, None)
+    if function is None:
+        raise ValueError(f"--reward {spec!r}: {module_name} has no attribute {function_name!r}")
+    if not callable(function):
+        raise ValueError(f"--reward {spec!r}: {function_name} is not callable")
+    return function
+
+
+def reward_model(path: str, *, on: torch.device, batch_size: int, trust_remote_code: bool = False):
+    """f(queries, responses) -> logit 0 of a sequence-classification model on "query + response", batched."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--reward-model {path}: not a Hugging Face model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=compute_dtype("auto", on), trust_remote_code=trust_remote_code
+        )
+    except Exception as err:  # anything from_pretrained raises on a user's directory is bad input
+        raise ValueError(f"--reward-model {path}: cannot load: {_one_line(err)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # needed to find each row's last token in a padded batch
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(on).eval()
+
+    @torch.no_grad()
+    def score(queries: list[str], responses: list[str]) -> list[float]:
+        texts = [q + r for q, r in zip(queries, responses)]
+        out = []
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True).to(on)
+            out += model(**enc).logits[:, 0].float().tolist()
+        return out
+
+    return score
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files
+
+
+def read_data(path: str):
+    """The checked examples of a data file (rrhf_fast.data's reader; a directory or a missing file is a DataError
+    that says so)."""
+    from rrhf_fast.data import read_jsonl
+
+    return read_jsonl(path)
+
+
+def check_writable(directory: str, flag: str = "--output-dir") -> None:
+    """Create directory if needed and check that a file can be written into it."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {directory}: cannot write there ({err.strerror}); pass a writable directory") from None
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """An output file that can be written: not a directory, in a directory that exists or can be made."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a directory; pass a file name")
+    check_writable(os.path.dirname(os.path.abspath(path)), flag)
