@@ -24,7 +24,8 @@ Outputs in --output-dir:
     final/                  the trained model and tokenizer in Hugging Face format
     With --lora-r, checkpoints and final/ hold the adapter (adapter_config.json + adapter_model.safetensors,
     for peft.PeftModel.from_pretrained on the --model base), and --merge-lora makes final/ the merged model.
-    curves.png, summary.json
+    curves.png, summary.json (with the prefix mode and head the probe chose, and its seconds)
+    runs/, wandb/           with --report-to tensorboard / wandb / all: the metrics.jsonl scalars (rrhf_fast.report)
 
 Several processes: `torchrun --nproc_per_node N -m rrhf_fast.train [the same flags]` runs DDP (NCCL on CUDA,
 gloo on CPU), or FSDP2 with --fsdp (CUDA); see rrhf_fast.distributed. Each rank reads its own share of every
@@ -49,12 +50,12 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from rrhf_fast import checkpoint, config, distributed, loading
+from rrhf_fast import checkpoint, config, distributed, loading, report
 from rrhf_fast.batch import pack_examples
 from rrhf_fast.checkpoint import LoopState
 from rrhf_fast.cli import InputError, bad_input, run
@@ -79,6 +80,7 @@ class Setup:
     loss_options: dict
     pad_id: int
     micro_per_epoch: int  # micro-batches of --batch-size x processes queries in one epoch
+    reporter: report.Reporter = field(default_factory=report.Reporter)  # --report-to, on rank 0
 
 
 @dataclass
@@ -154,12 +156,13 @@ def claim_output_dir(cfg: TrainConfig, world) -> str | None:
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """--model and its positions, and --output-dir, before anything is written or loaded."""
+    """--model and its positions, --output-dir and --report-to's libraries, before anything is written or loaded."""
     with bad_input():
         if cfg.model is not None:
             model_config = loading.model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
             loading.check_max_length(model_config, cfg.model_max_length, cfg.model)
         loading.check_writable(cfg.output_dir)
+        report.check(cfg.report_to)
 
 
 def load_model(cfg: TrainConfig, resume_from: str | None):
@@ -393,12 +396,18 @@ def measure(setup: Setup, held_out: HeldOut) -> dict:
     return result
 
 
+def log_row(setup: Setup, row: dict) -> None:
+    """A line of metrics.jsonl, and the same scalars to --report-to's libraries (rank 0 only)."""
+    checkpoint.append_jsonl(os.path.join(setup.cfg.output_dir, "metrics.jsonl"), row)
+    setup.reporter.log(row)
+
+
 def evaluate(setup: Setup, held_out: HeldOut, step: int) -> tuple[dict | None, float]:
     """(the held-out numbers at `step`, on rank 0, None on the others; seconds taken), logged to metrics.jsonl."""
     t0 = time.time()
     result = distributed.run_on_full_model(setup.train_module, setup.world, functools.partial(measure, setup, held_out))
     if setup.world.is_main:
-        checkpoint.append_jsonl(os.path.join(setup.cfg.output_dir, "metrics.jsonl"), {"type": "eval", "step": step, **result})
+        log_row(setup, {"type": "eval", "step": step, **result})
     return result, time.time() - t0
 
 
@@ -526,9 +535,10 @@ def main(argv=None) -> int:
     setup = Setup(cfg, world, model, tokenizer, train_module, optimizer, scheduler, loss_options, pad_id, micro_per_epoch)
 
     metrics_path = os.path.join(out, "metrics.jsonl")
-    if resume_from is not None:
-        state = resume(setup, resume_from)
-    else:
+    state = resume(setup, resume_from) if resume_from is not None else None
+    if world.is_main:
+        setup.reporter = report.open_reporter(cfg.report_to, out, config=asdict(cfg), first_step=state and state.step + 1)
+    if state is None:
         if world.is_main:
             open(metrics_path, "w").close()
         state = LoopState(eval_before=evaluate(setup, held_out, 0)[0])
@@ -545,8 +555,8 @@ def main(argv=None) -> int:
             step, tokens_this_run, tokens_log = state.step, tokens_this_run + step_tokens, tokens_log + step_tokens
             if (step % cfg.log_every == 0 or step == cfg.max_steps) and world.is_main:
                 tps = tokens_log / max(time.time() - t_log, 1e-9)
-                checkpoint.append_jsonl(metrics_path, dict(type="train", step=step, **row, tokens_per_s=tps,
-                                        peak_mem_mb=peak_memory_mb(device), epoch=state.data_position / micro_per_epoch))  # fmt: skip
+                log_row(setup, dict(type="train", step=step, **row, tokens_per_s=tps, peak_mem_mb=peak_memory_mb(device),
+                                    epoch=state.data_position / micro_per_epoch))  # fmt: skip
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rank_acc']:.2f}", tok_s=f"{tps:.0f}")
                 if bar.disable:  # no terminal (a log file, a pipe): a plain line instead of the bar
                     print(f"step {step}/{cfg.max_steps} loss {row['loss']:.4f} rank_acc {row['rank_acc']:.3f} tokens/s {tps:.0f}", file=sys.stderr)
@@ -564,6 +574,7 @@ def main(argv=None) -> int:
             if stopped_by:
                 path = checkpoint.latest(out) if saved else save_checkpoint(setup, state)
                 bar.close()
+                setup.reporter.close()
                 say(world, f"{PROG}: stopped by {signal.Signals(stopped_by).name} after step {step}: {path} written; "
                            f"--resume continues from it")  # fmt: skip
                 return 128 + stopped_by
@@ -571,6 +582,7 @@ def main(argv=None) -> int:
     train_wall = time.time() - t_train - eval_seconds
 
     eval_after, _ = evaluate(setup, held_out, state.step)
+    setup.reporter.close()
     say(world, f"after training:  {checkpoint.json_line(eval_after)}")
     weights = distributed.full_model_state(model, world)
     if not world.is_main:
