@@ -15,6 +15,7 @@ import argparse
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from rrhf_fast.cli import InputError, Parser, number
+from rrhf_fast.prefix import MODES
 
 PROG = "rrhf_fast.train"
 
@@ -39,11 +40,14 @@ def flag(default, help: str, *aliases: str, type=None, choices=None, section=Non
 @dataclass
 class TrainConfig:
     model: str | None = flag(None, "local Hugging Face model directory (AutoModelForCausalLM + AutoTokenizer); default: the embedded tiny Llama", "--model_name_or_path", section="data and model")
-    data: str | None = flag(None, "training data, RRHF JSONL ({query, responses, scores} a line); default: the built-in addition task", "--data_path")
-    eval_data: str | None = flag(None, "held-out RRHF JSONL for ranking accuracy; default: the task's held-out set, or the first --eval-max-examples training queries", "--eval_data", "--eval_data_path")
+    data: str | None = flag(None, "training data: preference records in any format rrhf_fast.data reads (RRHF, TRL listwise / pairwise / implicit prompt, UltraFeedback, Nectar, on-policy), a .jsonl / .json / .parquet file, a save_to_disk directory or a dataset in the local Hugging Face cache; default: the built-in addition task", "--data_path")
+    eval_data: str | None = flag(None, "held-out data for ranking accuracy, in the same formats as --data; default: the task's held-out set, or the first --eval-max-examples training queries", "--eval_data", "--eval_data_path")
     output_dir: str = flag("out/rrhf", "where checkpoints, final/, metrics and summary go", "--output_dir")
     trust_remote_code: bool = flag(False, "allow custom model code shipped in --model", "--trust_remote_code")
     model_max_length: int = flag(512, "tokens per candidate (prompt + response); longer prompts are cut from the left, responses from the right; at most the model's positions", "--model_max_length", type=POSITIVE_INT)
+    data_split: str = flag("train", "split of --data to train on (a save_to_disk DatasetDict or a cached dataset; a file is one split, train)", "--data_split")
+    eval_split: str = flag("train", "split of --eval-data to evaluate on (e.g. test); with no --eval-data, --data's split")
+    chat_template: str | None = flag(None, "file holding a Jinja chat template, for conversational data (chat messages) and a tokenizer without one; replaces the tokenizer's own", "--chat_template")
 
     max_steps: int | None = flag(None, f"optimizer steps; overrides --num-train-epochs (embedded default: {EMBEDDED_TASK_STEPS})", "--max_steps", type=POSITIVE_INT, section="optimisation")
     num_train_epochs: float = flag(3.0, "passes over the data when --max-steps is not given", "--num_train_epochs", "--epochs", type=POSITIVE)
@@ -66,7 +70,7 @@ class TrainConfig:
     sft_weight: float = flag(1.0, "weight of the SFT term on the best candidate", "--sft_weight", type=NONNEGATIVE)
     margin: float = flag(0.0, "hinge margin: max(0, p_i - p_j + margin) for r_i < r_j", type=number(float))
     sft_reduction: str = flag("mean", "mean: SFT term per token; sum: the paper's literal sum", "--sft_reduction", choices=["mean", "sum"])
-    prefix_mode: str | None = flag(None, "how the k candidates share their prompt: packed rows with a mask, a kv-cache per group, or none (re-encode, the original code's way); auto: rrhf_fast.prefix.resolve_mode", "--prefix_mode", choices=["auto", "packed", "kv-cache", "none"])
+    prefix_mode: str | None = flag(None, "how the k candidates share their prompt: packed rows with a mask, a kv-cache per group, none (re-encode, the original code's way) or per-candidate (one forward each: slow, exact for any model); auto: the fastest that the exactness check on the first batch passes (rrhf_fast.probe); an explicit mode that fails it is an error", "--prefix_mode", choices=list(MODES))
     loss_backend: str = flag("auto", "rrhf_loss backend: auto is triton on CUDA, torch elsewhere", "--loss_backend", choices=["auto", "triton", "torch", "reference"])
     row_tokens: int | None = flag(None, "packed-row length: whole query groups share a row up to this many tokens; attention costs row_tokens**2 a row", "--row_tokens", type=POSITIVE_INT)
 
@@ -78,6 +82,7 @@ class TrainConfig:
     save_total_limit: int | None = flag(None, "keep only the newest N checkpoints (None: keep all)", "--save_total_limit", type=POSITIVE_INT)
     resume: bool = flag(False, "continue from the newest complete checkpoint in --output-dir")
     overwrite_output_dir: bool = flag(False, "start afresh even if --output-dir holds checkpoints or a finished run (they are deleted)", "--overwrite_output_dir")
+    report_to: str = flag("none", "also log the metrics.jsonl scalars to tensorboard (event files in <output-dir>/runs/), wandb (offline, files in <output-dir>/wandb/ for `wandb sync`, unless WANDB_MODE=online), all (both) or none", "--report_to", choices=["none", "tensorboard", "wandb", "all"])
 
     lora_r: int | None = flag(None, "adapter rank; setting it turns LoRA on (default: off, full fine-tuning). LoRA usually wants a larger --learning-rate, 1e-4 to 2e-4", "--lora_r", type=POSITIVE_INT, section="LoRA adapters (peft): train low-rank adapters instead of every weight")
     lora_alpha: float | None = flag(None, "adapter output scaled by alpha / r (default: 2 x --lora-r)", "--lora_alpha", type=POSITIVE)
@@ -96,7 +101,7 @@ class TrainConfig:
 
 # Settings that do not change what a resumed run computes: --resume may differ from the checkpoint's in these
 # (--output-dir is where the checkpoint was found; it may be spelt another way).
-NOT_RESUMED = ("resume", "overwrite_output_dir", "output_dir", "ddp_timeout", "save_total_limit")
+NOT_RESUMED = ("resume", "overwrite_output_dir", "output_dir", "ddp_timeout", "save_total_limit", "report_to")
 
 TORCHRUN_HELP = """\
 several processes, the same flags (a step takes --batch-size x --grad-accum x processes queries):

@@ -12,7 +12,7 @@ what to do; the commands turn those into one line on stderr and exit status 2, b
     check_encodes(examples, tok, path)    a tokenizer that tells the responses apart
     reward_function(spec)                 "task" or "module:function" -> f(query, response) -> float, checked
     reward_model(path, ...)               a sequence-classification model -> f(queries, responses) -> floats
-    read_data(path)                       the examples of a data file
+    read_data(path, split="train")        the examples of a data file or dataset split, any format
     check_writable(directory)             an output directory this process can write into
     check_output_file(path, flag)         an output file: not a directory, in a writable one
 """
@@ -223,12 +223,12 @@ def reward_model(path: str, *, on: torch.device, batch_size: int, trust_remote_c
 # Files
 
 
-def read_data(path: str):
-    """The checked examples of a data file (rrhf_fast.data's reader; a directory or a missing file is a DataError
-    that says so)."""
-    from rrhf_fast.data import read_jsonl
+def read_data(path: str, split: str = "train"):
+    """The checked examples of `split` of a data file, a save_to_disk directory or a cached dataset, in any format
+    rrhf_fast.data reads (a missing file or an unknown format is a DataError that says so)."""
+    from rrhf_fast.data import read_examples
 
-    return read_jsonl(path)
+    return read_examples(path, split)
 
 
 def check_writable(directory: str, flag: str = "--output-dir") -> None:

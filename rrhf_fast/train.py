@@ -24,7 +24,8 @@ Outputs in --output-dir:
     final/                  the trained model and tokenizer in Hugging Face format
     With --lora-r, checkpoints and final/ hold the adapter (adapter_config.json + adapter_model.safetensors,
     for peft.PeftModel.from_pretrained on the --model base), and --merge-lora makes final/ the merged model.
-    curves.png, summary.json
+    curves.png, summary.json (with the prefix mode and head the probe chose, and its seconds)
+    runs/, wandb/           with --report-to tensorboard / wandb / all: the metrics.jsonl scalars (rrhf_fast.report)
 
 Several processes: `torchrun --nproc_per_node N -m rrhf_fast.train [the same flags]` runs DDP (NCCL on CUDA,
 gloo on CPU), or FSDP2 with --fsdp (CUDA); see rrhf_fast.distributed. Each rank reads its own share of every
@@ -48,12 +49,13 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from rrhf_fast import checkpoint, config, distributed, loading
+from rrhf_fast import checkpoint, config, distributed, loading, report
 from rrhf_fast.batch import pack_examples
 from rrhf_fast.checkpoint import LoopState
 from rrhf_fast.cli import InputError, bad_input, run
@@ -78,6 +80,7 @@ class Setup:
     loss_options: dict
     pad_id: int
     micro_per_epoch: int  # micro-batches of --batch-size x processes queries in one epoch
+    reporter: report.Reporter = field(default_factory=report.Reporter)  # --report-to, on rank 0
 
 
 @dataclass
@@ -153,12 +156,13 @@ def claim_output_dir(cfg: TrainConfig, world) -> str | None:
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """--model and its positions, and --output-dir, before anything is written or loaded."""
+    """--model and its positions, --output-dir and --report-to's libraries, before anything is written or loaded."""
     with bad_input():
         if cfg.model is not None:
             model_config = loading.model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
             loading.check_max_length(model_config, cfg.model_max_length, cfg.model)
         loading.check_writable(cfg.output_dir)
+        report.check(cfg.report_to)
 
 
 def load_model(cfg: TrainConfig, resume_from: str | None):
@@ -181,15 +185,19 @@ class Texts:
     eval_path: str | None
     eval: list | None
     reward_fn: object | None  # the built-in task's reward, for greedy answers on its held-out set
+    chat_template: str | None = None  # --chat-template's Jinja text, for chat messages
 
 
 def read_data(cfg: TrainConfig, world) -> Texts:
-    """The training and held-out examples: --data / --eval-data, or the built-in task, written out as RRHF JSONL
-    once and then read like any user file."""
-    from rrhf_fast import task
+    """The training and held-out examples: --data / --eval-data (their --data-split / --eval-split; any format
+    rrhf_fast.data reads), or the built-in task, written out as RRHF JSONL once and then read like any user file;
+    and --chat-template's text."""
+    from rrhf_fast import data, task
 
     reward_fn = None
     train_path, eval_path = cfg.data, cfg.eval_data
+    train_split = cfg.data_split if cfg.data else "train"
+    eval_split = cfg.eval_split if cfg.eval_data else "train"
     if train_path is None:
         data_dir = os.path.join(cfg.output_dir, "data")
         os.makedirs(data_dir, exist_ok=True)
@@ -203,8 +211,10 @@ def read_data(cfg: TrainConfig, world) -> Texts:
         if cfg.eval_data is None:
             reward_fn = task.reward
     with bad_input():
-        return Texts(train_path, loading.read_data(train_path), eval_path,
-                     loading.read_data(eval_path) if eval_path else None, reward_fn)  # fmt: skip
+        template = data.read_chat_template(cfg.chat_template) if cfg.chat_template else None
+        train = loading.read_data(train_path, train_split)
+        held_out = loading.read_data(eval_path, eval_split) if eval_path else None
+    return Texts(train_path, train, eval_path, held_out, reward_fn, template)
 
 
 def tokenize_data(texts: Texts, tokenizer, cfg: TrainConfig, world) -> tuple[list, HeldOut]:
@@ -212,9 +222,9 @@ def tokenize_data(texts: Texts, tokenizer, cfg: TrainConfig, world) -> tuple[lis
     from rrhf_fast import data
 
     eval_examples = (texts.eval or texts.train)[: cfg.eval_max_examples]
-    with bad_input(f"{cfg.model}: "):
-        train_tok, train_cut = data.tokenize(texts.train, tokenizer, cfg.model_max_length)
-        eval_tok, eval_cut = data.tokenize(eval_examples, tokenizer, cfg.model_max_length)
+    with bad_input(f"{cfg.model or 'the embedded model'}: "):
+        train_tok, train_cut = data.tokenize(texts.train, tokenizer, cfg.model_max_length, texts.chat_template)
+        eval_tok, eval_cut = data.tokenize(eval_examples, tokenizer, cfg.model_max_length, texts.chat_template)
     with bad_input():
         loading.check_encodes(texts.train, train_tok, tokenizer, cfg.model or "the embedded model")
     for path, cut in ((texts.train_path, train_cut), (texts.eval_path or texts.train_path, eval_cut)):
@@ -226,11 +236,11 @@ def tokenize_data(texts: Texts, tokenizer, cfg: TrainConfig, world) -> tuple[lis
     return train_tok, HeldOut(eval_tok, queries, texts.reward_fn)
 
 
-def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world):
-    """(train_module, loss_options): checkpointing, LoRA, then the model inside the module whose forward is the loss,
-    moved to the device (DDP, one process) or sharded over the GPUs (FSDP2)."""
+def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world, first_batch):
+    """(model, train_module, loss_options, (plan, probe seconds)): checkpointing, LoRA, the exactness probe on `first_batch` (see
+    plan_prefix_mode), then the model inside the module whose forward is the loss, moved to the device (DDP, one
+    process) or sharded over the GPUs (FSDP2)."""
     from rrhf_fast.loss import resolve_backend
-    from rrhf_fast.prefix import resolve_mode
 
     if cfg.gradient_checkpointing:  # renamed in transformers 5.2x; the old name still works before that
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
@@ -248,13 +258,38 @@ def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world):
         length_penalty=cfg.length_penalty, rank_weight=cfg.rank_weight, sft_weight=cfg.sft_weight, margin=cfg.margin,
         sft_reduction=cfg.sft_reduction, backend=cfg.loss_backend,
     )
-    with bad_input():
-        train_module = distributed.wrap(model, world, mode=cfg.prefix_mode, loss_options=loss_options)
-    with bad_input("--prefix-mode: "):  # the checks model_loss makes on every call, made once before any work
-        resolve_mode(model, cfg.prefix_mode)
     with bad_input("--loss-backend: "):
         resolve_backend(cfg.loss_backend, world.device)
-    return model, train_module, loss_options
+    plan = (None, 0.0)
+    if not world.fsdp:  # under FSDP2 the other ranks' weights are not there yet: model_loss probes at the first step
+        model.to(world.device)
+        plan = plan_prefix_mode(model, first_batch.to(world.device), cfg, world, loss_options)
+    with bad_input():
+        train_module = distributed.wrap(model, world, mode=cfg.prefix_mode, loss_options=loss_options)
+    return model, train_module, loss_options, plan
+
+
+def plan_prefix_mode(model, batch, cfg: TrainConfig, world, loss_options: dict):
+    """The probe of issue 13 on the first training micro-batch: rrhf_fast.probe.plan checks the fused head and
+    --prefix-mode against every candidate re-encoded alone through the model's own logits, and caches the plan on
+    the model, so that the wrapped forward's model_loss runs it without probing again. It runs in the training
+    dtype (the same autocast as the loop: the dtype is part of the cache key and sets the tolerance). An explicit
+    mode that fails is exit 2 naming the mode that passed; a plan other than the one asked for (auto falling back,
+    or the model's own logits instead of the fused head) is said once here.
+
+    Returns (the Plan, seconds the probe took)."""
+    from rrhf_fast import probe
+
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # probe.plan's own warning: said below as one line of this command's
+        with bad_input("--prefix-mode: "), bf16_autocast(world.device, cfg.bf16):
+            plan = probe.plan(model, batch, cfg.prefix_mode, **loss_options)
+    if plan.reason:
+        head = "the fused LM head" if plan.head == "fused" else "the model's own logits"
+        say(world, f"{PROG}: warning: --prefix-mode {cfg.prefix_mode}: {type(model).__name__} trains with mode "
+                   f"{plan.mode} and {head}: {plan.reason}")  # fmt: skip
+    return plan, time.time() - t0
 
 
 def micro_batches_per_epoch(n_queries: int, cfg: TrainConfig, world) -> int:
@@ -291,13 +326,18 @@ def make_optimizer(model, cfg: TrainConfig, max_steps: int):
 # The loop's pieces
 
 
-def batch_indices(setup: Setup, position: int, n_queries: int) -> list[int]:
-    """This rank's share of micro-batch `position`, counted from the start of training: a fresh order each epoch."""
-    cfg, world = setup.cfg, setup.world
-    epoch, i = divmod(position, setup.micro_per_epoch)
+def batch_indices(cfg: TrainConfig, world, micro_per_epoch: int, position: int, n_queries: int, rank: int | None = None) -> list[int]:
+    """The share of `rank` (default: this rank) of micro-batch `position`, counted from the start of training: a
+    fresh order each epoch."""
+    rank = world.rank if rank is None else rank
+    epoch, i = divmod(position, micro_per_epoch)
     order = torch.randperm(n_queries, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    first = i * cfg.batch_size * world.size + world.rank * cfg.batch_size
+    first = i * cfg.batch_size * world.size + rank * cfg.batch_size
     return order[first : first + cfg.batch_size].tolist()
+
+
+def micro_batch(train_data: list, indices: list[int], cfg: TrainConfig, pad_id: int, device):
+    return pack_examples([train_data[i] for i in indices], max_tokens=cfg.row_tokens, pad_token_id=pad_id).to(device)
 
 
 def train_step(setup: Setup, state: LoopState, train_data: list) -> tuple[dict, int]:
@@ -308,9 +348,9 @@ def train_step(setup: Setup, state: LoopState, train_data: list) -> tuple[dict, 
     totals = {"loss": 0.0, "rank_loss": 0.0, "sft_loss": 0.0}
     correct = pairs = step_tokens = 0
     for micro in range(cfg.grad_accum):
-        chunk = [train_data[i] for i in batch_indices(setup, state.data_position, len(train_data))]
+        indices = batch_indices(cfg, world, setup.micro_per_epoch, state.data_position, len(train_data))
         state.data_position += 1
-        batch = pack_examples(chunk, max_tokens=cfg.row_tokens, pad_token_id=setup.pad_id).to(world.device)
+        batch = micro_batch(train_data, indices, cfg, setup.pad_id, world.device)
         with distributed.gradient_sync(setup.train_module, world, sync=micro == cfg.grad_accum - 1):
             with bf16_autocast(world.device, cfg.bf16):
                 output = setup.train_module(batch)
@@ -356,12 +396,18 @@ def measure(setup: Setup, held_out: HeldOut) -> dict:
     return result
 
 
+def log_row(setup: Setup, row: dict) -> None:
+    """A line of metrics.jsonl, and the same scalars to --report-to's libraries (rank 0 only)."""
+    checkpoint.append_jsonl(os.path.join(setup.cfg.output_dir, "metrics.jsonl"), row)
+    setup.reporter.log(row)
+
+
 def evaluate(setup: Setup, held_out: HeldOut, step: int) -> tuple[dict | None, float]:
     """(the held-out numbers at `step`, on rank 0, None on the others; seconds taken), logged to metrics.jsonl."""
     t0 = time.time()
     result = distributed.run_on_full_model(setup.train_module, setup.world, functools.partial(measure, setup, held_out))
     if setup.world.is_main:
-        checkpoint.append_jsonl(os.path.join(setup.cfg.output_dir, "metrics.jsonl"), {"type": "eval", "step": step, **result})
+        log_row(setup, {"type": "eval", "step": step, **result})
     return result, time.time() - t0
 
 
@@ -477,19 +523,22 @@ def main(argv=None) -> int:
     texts = read_data(cfg, world)
     model, tokenizer = load_model(cfg, resume_from)
     train_data, held_out = tokenize_data(texts, tokenizer, cfg, world)
-    model, train_module, loss_options = wrap_model(model, cfg, resume_from, world)
     micro_per_epoch = micro_batches_per_epoch(len(train_data), cfg, world)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # the probe's batch: rank 0's share of the first micro-batch, the same on every rank, so that all plan alike
+    first = micro_batch(train_data, batch_indices(cfg, world, micro_per_epoch, 0, len(train_data), rank=0), cfg, pad_id, "cpu")
+    model, train_module, loss_options, (plan, probe_s) = wrap_model(model, cfg, resume_from, world, first)
     cfg.max_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * micro_per_epoch / cfg.grad_accum))
     if world.is_main:
         checkpoint.save_json(asdict(cfg), os.path.join(out, "train_config.json"))
     optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     setup = Setup(cfg, world, model, tokenizer, train_module, optimizer, scheduler, loss_options, pad_id, micro_per_epoch)
 
     metrics_path = os.path.join(out, "metrics.jsonl")
-    if resume_from is not None:
-        state = resume(setup, resume_from)
-    else:
+    state = resume(setup, resume_from) if resume_from is not None else None
+    if world.is_main:
+        setup.reporter = report.open_reporter(cfg.report_to, out, config=asdict(cfg), first_step=state and state.step + 1)
+    if state is None:
         if world.is_main:
             open(metrics_path, "w").close()
         state = LoopState(eval_before=evaluate(setup, held_out, 0)[0])
@@ -506,8 +555,8 @@ def main(argv=None) -> int:
             step, tokens_this_run, tokens_log = state.step, tokens_this_run + step_tokens, tokens_log + step_tokens
             if (step % cfg.log_every == 0 or step == cfg.max_steps) and world.is_main:
                 tps = tokens_log / max(time.time() - t_log, 1e-9)
-                checkpoint.append_jsonl(metrics_path, dict(type="train", step=step, **row, tokens_per_s=tps,
-                                        peak_mem_mb=peak_memory_mb(device), epoch=state.data_position / micro_per_epoch))  # fmt: skip
+                log_row(setup, dict(type="train", step=step, **row, tokens_per_s=tps, peak_mem_mb=peak_memory_mb(device),
+                                    epoch=state.data_position / micro_per_epoch))  # fmt: skip
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rank_acc']:.2f}", tok_s=f"{tps:.0f}")
                 if bar.disable:  # no terminal (a log file, a pipe): a plain line instead of the bar
                     print(f"step {step}/{cfg.max_steps} loss {row['loss']:.4f} rank_acc {row['rank_acc']:.3f} tokens/s {tps:.0f}", file=sys.stderr)
@@ -525,6 +574,7 @@ def main(argv=None) -> int:
             if stopped_by:
                 path = checkpoint.latest(out) if saved else save_checkpoint(setup, state)
                 bar.close()
+                setup.reporter.close()
                 say(world, f"{PROG}: stopped by {signal.Signals(stopped_by).name} after step {step}: {path} written; "
                            f"--resume continues from it")  # fmt: skip
                 return 128 + stopped_by
@@ -532,6 +582,7 @@ def main(argv=None) -> int:
     train_wall = time.time() - t_train - eval_seconds
 
     eval_after, _ = evaluate(setup, held_out, state.step)
+    setup.reporter.close()
     say(world, f"after training:  {checkpoint.json_line(eval_after)}")
     weights = distributed.full_model_state(model, world)
     if not world.is_main:
@@ -547,6 +598,7 @@ def main(argv=None) -> int:
         "eval_before": state.eval_before, "eval_after": eval_after, "steps": state.step, "wall_s": time.time() - t_start,
         "train_wall_s": train_wall, "tokens_per_s": tokens_this_run / max(train_wall, 1e-9), "tokens": state.tokens,
         "peak_mem_mb": peak_memory_mb(device), "device": str(device), "resumed_from": resume_from, "processes": world.size,
+        "prefix_mode": plan and plan.mode, "head": plan and plan.head, "probe_s": probe_s,
     }  # fmt: skip
     checkpoint.save_json(summary, os.path.join(out, "summary.json"))
     say(world, f"wrote {out}/final, summary.json, metrics.jsonl, curves.png in {summary['wall_s']:.1f} s")

@@ -550,3 +550,138 @@ def test_shortened_default_run_raises_held_out_ranking_accuracy(tmp_path):
     summary = json.load(open(tmp_path / "out" / "summary.json"))
     before, after = summary["eval_before"]["rank_acc"], summary["eval_after"]["rank_acc"]
     assert after >= before + 0.12, (before, after)  # measured: 0.507 -> 0.734
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The exactness probe (issue 13) in the trainer
+
+PROBE_DATA = [
+    {"query": "12+7=", "responses": ["19", "18", "1"], "scores": [1.0, 0.5, 0.0]},
+    {"query": "3+4=", "responses": ["6", "7"], "scores": [0.0, 1.0]},
+]
+
+
+def probe_run(model_dir, tmp_path, *extra):
+    """A 2-step in-process run on PROBE_DATA (both groups in step 1): (exit status, metrics rows or None)."""
+    from test_train_formats import write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", PROBE_DATA)
+    out = tmp_path / "o"
+    status = train.cli(["--model", model_dir, "--data", data, "--output-dir", str(out), "--max-steps", "2", "--batch-size",
+                        "2", "--save-every", "0", "--log-every", "1", "--device", "cpu", "--threads", "1", *extra])  # fmt: skip
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")] if status == 0 else None
+    return status, rows
+
+
+def test_a_head_the_fused_path_gets_wrong_trains_with_the_models_own_logits(tiny_llama, tmp_path, monkeypatch, capsys):
+    """tiny_llama with a softcap (logits = 0.2 tanh(logits / 0.2)) patched into the forward, where no config field says
+    so: the probe finds the fused head wrong, says once that the model's own logits are used, and step 1's loss is
+    the RRHF loss of the capped logits (computed with each candidate's own forward)."""
+    import functools
+
+    from test_train_formats import independent_loss
+    from transformers import LlamaForCausalLM
+
+    plain = LlamaForCausalLM.forward
+
+    @functools.wraps(plain)
+    def capped(self, *args, **kwargs):
+        out = plain(self, *args, **kwargs)
+        out.logits = 0.2 * torch.tanh(out.logits / 0.2)
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", capped)
+    meaning = [(r["query"], r["responses"], r["scores"]) for r in PROBE_DATA]
+    status, rows = probe_run(tiny_llama, tmp_path)
+    assert status == 0
+    step1 = next(r["loss"] for r in rows if r["type"] == "train")
+    assert step1 == pytest.approx(independent_loss(tiny_llama, meaning), rel=1e-5)
+    monkeypatch.setattr(LlamaForCausalLM, "forward", plain)
+    assert step1 != pytest.approx(independent_loss(tiny_llama, meaning), rel=1e-4)  # the cap matters here
+    said = [line for line in capsys.readouterr().err.splitlines() if "the model's own logits" in line]
+    assert len(said) == 1 and said[0].startswith("rrhf_fast.train: warning: --prefix-mode auto: ")
+    summary = json.load(open(tmp_path / "o" / "summary.json"))
+    assert summary["head"] == "logits" and summary["probe_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_lfm2(tmp_path_factory):
+    """A tiny Lfm2 (a short-convolution layer, then attention) with the byte tokenizer, in Hugging Face format."""
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    from rrhf_fast.default_model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = Lfm2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=48, layer_types=["conv", "full_attention"],
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)  # fmt: skip
+    directory = tmp_path_factory.mktemp("lfm2")
+    Lfm2ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_explicit_packed_on_a_recurrent_model_exits_2_naming_the_mode_that_works(tiny_lfm2, tmp_path, capsys):
+    status, _ = probe_run(tiny_lfm2, tmp_path, "--prefix-mode", "packed")
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('rrhf_fast.train: error: --prefix-mode: mode="packed" puts the candidates')
+    assert 'mode="none" passes the exactness check' in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # before anything trained
+
+
+def test_auto_on_a_recurrent_model_falls_back_and_says_so(tiny_lfm2, tmp_path, capsys):
+    """auto on Lfm2 (CPU): packed is left out by structure, kv-cache fails (its conv cache cannot be repeated over
+    candidates), none passes: said once, and step 1's loss is the model's own per-candidate loss."""
+    from test_train_formats import independent_loss
+
+    status, rows = probe_run(tiny_lfm2, tmp_path)
+    assert status == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rrhf_fast.train: warning: --prefix-mode")]
+    assert len(said) == 1 and "trains with mode none" in said[0] and 'mode="kv-cache" is not exact' in said[0]
+    meaning = [(r["query"], r["responses"], r["scores"]) for r in PROBE_DATA]
+    step1 = next(r["loss"] for r in rows if r["type"] == "train")
+    assert step1 == pytest.approx(independent_loss(tiny_lfm2, meaning), rel=1e-5)
+    assert json.load(open(tmp_path / "o" / "summary.json"))["prefix_mode"] == "none"
+
+
+def count_probes(monkeypatch) -> list:
+    from rrhf_fast import probe
+
+    calls, real = [], probe.run_probe
+
+    def counted(model, batch, mode="auto", **options):
+        calls.append(mode)
+        return real(model, batch, mode, **options)
+
+    monkeypatch.setattr(probe, "run_probe", counted)
+    return calls
+
+
+@pytest.mark.parametrize("extra", [[], ["--bf16"]], ids=["fp32", "bf16"])
+def test_the_probe_runs_once_a_run(tmp_path, monkeypatch, extra):
+    """The plan made before wrapping is the one the wrapped forward and the evaluations use: one probe in a run of 3
+    steps with held-out evaluations before, during and after (under --bf16 too: the probe runs in the same autocast,
+    and the compute dtype is part of the plan's cache key)."""
+    calls = count_probes(monkeypatch)
+    argv = [*TINY, "--max-steps", "3", "--eval-every", "2", "--save-every", "0", "--device", "cpu", *extra]
+    assert train.cli([*argv, "--output-dir", str(tmp_path / "o")]) == 0
+    assert calls == ["packed"]
+
+
+def test_the_probe_runs_once_under_ddp(tmp_path, monkeypatch):
+    """The same under DDP (one gloo process, in this interpreter): the plan is cached on the model inside DDP."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    calls = count_probes(monkeypatch)
+    argv = [*TINY, "--max-steps", "2", "--eval-every", "0", "--save-every", "0", "--device", "cpu"]
+    assert train.cli([*argv, "--output-dir", str(tmp_path / "o")]) == 0
+    assert not torch.distributed.is_initialized()
+    assert calls == ["packed"]
+    assert json.load(open(tmp_path / "o" / "summary.json"))["processes"] == 1
