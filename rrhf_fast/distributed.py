@@ -4,6 +4,7 @@ single-process no-op, so rrhf_fast.train has one loop for both.
 
     torchrun --nproc_per_node 4 -m rrhf_fast.train --model M --data D ...                 # DDP
     torchrun --nproc_per_node 4 -m rrhf_fast.train --model M --data D --fsdp --bf16 ...   # FSDP2 (CUDA or CPU)
+    torchrun --nproc_per_node 4 -m rrhf_fast.train ... --fsdp --lora-r 16                  # LoRA, base sharded
 
 The loss head runs inside the wrapped module. `ModelLoss.forward(batch)` is rrhf_fast.prefix.model_loss: the
 model body and the fused loss, which reads the LM head's weight directly instead of calling the head. Wrapping
@@ -192,6 +193,29 @@ def wrap(model, world: World, *, mode: str, loss_options: dict, bf16: bool = Fal
     return module
 
 
+def probe_on_rank0(model, batch, world: World, *, mode: str, loss_options: dict) -> None:
+    """Under FSDP2, before wrap: rank 0 runs rrhf_fast.probe's exactness check on its real weights (the other ranks
+    may hold a meta model, and the probe's per-parameter gradients cannot be taken through shards), and every rank
+    caches rank 0's verdict for its model, so model_loss runs the same path everywhere. A ValueError of the probe
+    (an explicit mode that fails) is raised on every rank. A no-op without FSDP2: model_loss probes on first use."""
+    if not world.fsdp:
+        return
+    from rrhf_fast import probe
+
+    verdict = None
+    if world.is_main:
+        try:
+            verdict = probe.plan(model, batch.to(next(model.parameters()).device), mode, **loss_options)
+        except ValueError as err:
+            verdict = err
+    box = [verdict]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if isinstance(box[0], ValueError):
+        raise box[0]
+    if not world.is_main:
+        probe.adopt(model, box[0], mode, **loss_options)
+
+
 def _receive_rank0_state(module, model, full_state: dict, world: World, cpu_offload: bool) -> None:
     """Fill every rank's shards with rank 0's values, after allocating them (on its device, or in host memory
     under CPU offload) where the model was built on the meta device; the buffers the state dict leaves out
@@ -301,28 +325,6 @@ def full_model_state(model, world: World, *, trained_only: bool = False) -> dict
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=_full_state_options(trained_only))
-
-
-def optimizer_state(module: torch.nn.Module, optimizer, world: World) -> dict:
-    """What optimizer.pt holds: optimizer.state_dict(), or under FSDP2 the full state gathered on rank 0 and
-    keyed by parameter name (every rank must call it). Under FSDP2 save_checkpoint writes it sharded instead."""
-    if not world.fsdp:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(module, optimizer, options=_full_state_options())
-
-
-def load_optimizer_state(module: torch.nn.Module, optimizer, path: str, world: World) -> None:
-    """Restore what optimizer_state saved. Under FSDP2 rank 0 reads the file and each rank receives its shard."""
-    if not world.fsdp:
-        optimizer.load_state_dict(torch.load(path, map_location=world.device))
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    state = torch.load(path, map_location="cpu") if world.is_main else {}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)
 
 
 # ----------------------------------------------------------------------------------------------------------

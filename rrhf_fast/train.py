@@ -95,8 +95,9 @@ def say(world, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def bf16_autocast(device, enabled: bool):
-    """--bf16: bfloat16 autocast over the fp32 weights, without autocast's weight cache.
+def bf16_autocast(device, cfg: TrainConfig):
+    """--bf16 without --fsdp: bfloat16 autocast over the fp32 weights, without autocast's weight cache. (Under
+    --fsdp, FSDP2 itself gathers the units' weights in bf16: distributed.wrap's MixedPrecisionPolicy.)
 
     The cache keeps the bf16 copy of every weight that needs a gradient until the autocast region ends, here the
     end of the forward. Without checkpointing the matmuls save those copies for their backward anyway; with it
@@ -104,7 +105,7 @@ def bf16_autocast(device, enabled: bool):
     model (16 GB for an 8B model; on the CPU, an 8-layer Llama of hidden 1024 under checkpointing kept 256 MiB,
     exactly its linear weights in bf16, until the region ended). Without it a weight is cast where it is used.
     """
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and not cfg.fsdp, cache_enabled=False)
 
 
 def peak_memory_mb(device) -> float:
@@ -161,15 +162,19 @@ def check_inputs(cfg: TrainConfig) -> None:
         loading.check_writable(cfg.output_dir)
 
 
-def load_model(cfg: TrainConfig, resume_from: str | None):
+def load_model(cfg: TrainConfig, resume_from: str | None, world):
     """(model, tokenizer) to train: from the checkpoint, --model or the embedded build. A LoRA checkpoint holds the
-    adapter only, so under LoRA the base always comes from --model (or the embedded build)."""
-    source = cfg.model if cfg.lora_r else resume_from or cfg.model
+    adapter only, and an --fsdp one sharded state (restored after wrapping), so under either the model comes from
+    --model (or the embedded build). Under --fsdp rank 0 alone reads the weights: the other ranks build the model
+    on the meta device and receive their shards from rank 0 in distributed.wrap (the embedded build is cheap and
+    made everywhere)."""
+    source = cfg.model if cfg.lora_r or cfg.fsdp else resume_from or cfg.model
     if source is None:
         return loading.embedded_model(seed=cfg.seed, hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_layers,
                                       max_positions=max(cfg.model_max_length, 1024))  # fmt: skip
     with bad_input():
-        return loading.load_model_and_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
+        return loading.load_model_and_tokenizer(source, trust_remote_code=cfg.trust_remote_code,
+                                                on_meta=world.fsdp and not world.is_main)  # fmt: skip
 
 
 @dataclass
@@ -226,9 +231,10 @@ def tokenize_data(texts: Texts, tokenizer, cfg: TrainConfig, world) -> tuple[lis
     return train_tok, HeldOut(eval_tok, queries, texts.reward_fn)
 
 
-def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world):
+def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world, first_batch):
     """(train_module, loss_options): checkpointing, LoRA, then the model inside the module whose forward is the loss,
-    moved to the device (DDP, one process) or sharded over the GPUs (FSDP2)."""
+    moved to the device (DDP, one process) or sharded over the processes (FSDP2: after rank 0 has probed the model
+    on first_batch, a packed batch of training queries, while its weights are whole)."""
     from rrhf_fast.loss import resolve_backend
     from rrhf_fast.prefix import resolve_mode
 
@@ -239,7 +245,7 @@ def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world):
 
         with bad_input():
             model = lora.add_lora(model, config.lora_options(cfg))
-            if resume_from is not None:
+            if resume_from is not None and not world.fsdp:  # an --fsdp checkpoint's adapter comes back in resume()
                 lora.load_adapter_weights(model, resume_from)
         say(world, lora.parameter_summary(model))
     model.config.use_cache = False
@@ -248,8 +254,11 @@ def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world):
         length_penalty=cfg.length_penalty, rank_weight=cfg.rank_weight, sft_weight=cfg.sft_weight, margin=cfg.margin,
         sft_reduction=cfg.sft_reduction, backend=cfg.loss_backend,
     )
+    with bad_input("--prefix-mode: "):
+        distributed.probe_on_rank0(model, first_batch, world, mode=cfg.prefix_mode, loss_options=loss_options)
     with bad_input():
-        train_module = distributed.wrap(model, world, mode=cfg.prefix_mode, loss_options=loss_options)
+        train_module = distributed.wrap(model, world, mode=cfg.prefix_mode, loss_options=loss_options,
+                                        bf16=cfg.bf16 and cfg.fsdp, cpu_offload=cfg.cpu_offload)  # fmt: skip
     with bad_input("--prefix-mode: "):  # the checks model_loss makes on every call, made once before any work
         resolve_mode(model, cfg.prefix_mode)
     with bad_input("--loss-backend: "):
@@ -312,7 +321,7 @@ def train_step(setup: Setup, state: LoopState, train_data: list) -> tuple[dict, 
         state.data_position += 1
         batch = pack_examples(chunk, max_tokens=cfg.row_tokens, pad_token_id=setup.pad_id).to(world.device)
         with distributed.gradient_sync(setup.train_module, world, sync=micro == cfg.grad_accum - 1):
-            with bf16_autocast(world.device, cfg.bf16):
+            with bf16_autocast(world.device, cfg):
                 output = setup.train_module(batch)
             if not torch.isfinite(output.loss):
                 raise NonFiniteLoss(f"non-finite loss ({output.loss.item()}) at step {state.step + 1}", checkpoint.latest(cfg.output_dir))
@@ -343,7 +352,7 @@ def measure(setup: Setup, held_out: HeldOut) -> dict:
     from rrhf_fast.metrics import greedy_answers, mean_reward, ranking_accuracy
 
     cfg, model = setup.cfg, setup.model
-    with bf16_autocast(setup.world.device, cfg.bf16):
+    with bf16_autocast(setup.world.device, cfg):
         result = {"rank_acc": ranking_accuracy(
             model, held_out.examples, batch_size=cfg.eval_batch_size, mode=cfg.prefix_mode,
             loss_options=setup.loss_options, max_tokens=cfg.row_tokens, pad_token_id=setup.pad_id,
@@ -475,9 +484,10 @@ def main(argv=None) -> int:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     texts = read_data(cfg, world)
-    model, tokenizer = load_model(cfg, resume_from)
+    model, tokenizer = load_model(cfg, resume_from, world)
     train_data, held_out = tokenize_data(texts, tokenizer, cfg, world)
-    model, train_module, loss_options = wrap_model(model, cfg, resume_from, world)
+    first_batch = pack_examples(train_data[: cfg.batch_size], max_tokens=cfg.row_tokens, pad_token_id=tokenizer.pad_token_id or 0)
+    model, train_module, loss_options = wrap_model(model, cfg, resume_from, world, first_batch)
     micro_per_epoch = micro_batches_per_epoch(len(train_data), cfg, world)
     cfg.max_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * micro_per_epoch / cfg.grad_accum))
     if world.is_main:
@@ -533,12 +543,13 @@ def main(argv=None) -> int:
 
     eval_after, _ = evaluate(setup, held_out, state.step)
     say(world, f"after training:  {checkpoint.json_line(eval_after)}")
-    weights = distributed.full_model_state(model, world)
+    weights = distributed.full_model_state(model, world, trained_only=bool(cfg.lora_r))  # FSDP2: gathered on rank 0
     if not world.is_main:
         return 0
 
     def write_final(tmp):
-        checkpoint.save_model(tmp, model, tokenizer, weights, lora=bool(cfg.lora_r), merge=cfg.merge_lora)
+        checkpoint.save_model(tmp, model, tokenizer, weights, lora=bool(cfg.lora_r), merge=cfg.merge_lora,
+                              max_shard_size=cfg.max_shard_size)  # fmt: skip
         checkpoint.save_json(asdict(cfg), os.path.join(tmp, "train_config.json"))
 
     checkpoint.atomic_dir(os.path.join(out, "final"), write_final)
