@@ -193,10 +193,11 @@ def wrap(model, world: World, *, mode: str, loss_options: dict, bf16: bool = Fal
     return module
 
 
-def probe_on_rank0(model, batch, world: World, *, mode: str, loss_options: dict) -> None:
+def probe_on_rank0(model, batch, world: World, *, mode: str, loss_options: dict, bf16: bool = False) -> None:
     """Under FSDP2, before wrap: rank 0 runs rrhf_fast.probe's exactness check on its real weights (the other ranks
     may hold a meta model, and the probe's per-parameter gradients cannot be taken through shards), and every rank
-    caches rank 0's verdict for its model, so model_loss runs the same path everywhere. A ValueError of the probe
+    caches rank 0's verdict for its model, so model_loss runs the same path everywhere (bf16: for the bf16 compute
+    of wrap(..., bf16=True) too, probed in float32 before the cast). A ValueError of the probe
     (an explicit mode that fails) is raised on every rank. A no-op without FSDP2: model_loss probes on first use."""
     if not world.fsdp:
         return
@@ -214,6 +215,8 @@ def probe_on_rank0(model, batch, world: World, *, mode: str, loss_options: dict)
         raise box[0]
     if not world.is_main:
         probe.adopt(model, box[0], mode, **loss_options)
+    if bf16:  # inside a unit's forward its parameters are the gathered bf16 copies, which the plan is keyed on
+        probe.adopt(model, box[0], mode, dtype=torch.bfloat16, **loss_options)
 
 
 def _receive_rank0_state(module, model, full_state: dict, world: World, cpu_offload: bool) -> None:

@@ -248,13 +248,15 @@ def plan(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> Plan:
     return plans[key]
 
 
-def _key(model, mode: str, loss_options: dict) -> tuple:
+def _key(model, mode: str, loss_options: dict, dtype: torch.dtype | None = None) -> tuple:
     """What a plan is cached under, beside the model: the settings that can change the verdict."""
     trainable = sum(p.requires_grad for p in model.parameters())
-    return (mode, compute_dtype(model), prefix._is_checkpointing(model), loss_options.get("backend", "auto"), trainable)
+    dtype = dtype or compute_dtype(model)
+    return (mode, dtype, prefix._is_checkpointing(model), loss_options.get("backend", "auto"), trainable)
 
 
-def adopt(model, chosen: Plan, mode: str = "auto", **loss_options) -> None:
+def adopt(model, chosen: Plan, mode: str = "auto", *, dtype: torch.dtype | None = None, **loss_options) -> None:
     """Cache `chosen` as `plan(model, ..., mode, **loss_options)`'s answer without probing: for a model whose weights
-    are elsewhere (under FSDP2 the ranks that built it on the meta device take rank 0's verdict)."""
-    _PLANS.setdefault(model, {})[_key(model, mode, loss_options)] = chosen
+    are elsewhere (under FSDP2 the ranks that built it on the meta device take rank 0's verdict). dtype: the
+    compute dtype it is for, when not the model's parameters' (FSDP2's bf16 units gather bf16 copies of fp32 shards)."""
+    _PLANS.setdefault(model, {})[_key(model, mode, loss_options, dtype)] = chosen

@@ -255,7 +255,8 @@ def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world, first_ba
         sft_reduction=cfg.sft_reduction, backend=cfg.loss_backend,
     )
     with bad_input("--prefix-mode: "):
-        distributed.probe_on_rank0(model, first_batch, world, mode=cfg.prefix_mode, loss_options=loss_options)
+        distributed.probe_on_rank0(model, first_batch, world, mode=cfg.prefix_mode, loss_options=loss_options,
+                                   bf16=cfg.bf16 and cfg.fsdp)  # fmt: skip
     with bad_input():
         train_module = distributed.wrap(model, world, mode=cfg.prefix_mode, loss_options=loss_options,
                                         bf16=cfg.bf16 and cfg.fsdp, cpu_offload=cfg.cpu_offload)  # fmt: skip
