@@ -203,20 +203,22 @@ def probe_on_rank0(model, batch, world: World, *, mode: str, loss_options: dict,
         return
     from rrhf_fast import probe
 
-    verdict = None
+    verdict = dtype = None
     if world.is_main:
+        dtype = probe.compute_dtype(model)
         try:
             verdict = probe.plan(model, batch.to(next(model.parameters()).device), mode, **loss_options)
         except ValueError as err:
             verdict = err
-    box = [verdict]
+    box = [verdict, dtype]
     torch.distributed.broadcast_object_list(box, src=0)
-    if isinstance(box[0], ValueError):
-        raise box[0]
-    if not world.is_main:
-        probe.adopt(model, box[0], mode, **loss_options)
+    verdict, dtype = box
+    if isinstance(verdict, ValueError):
+        raise verdict
+    if not world.is_main:  # keyed on rank 0's dtype: a meta model has no autocast state to read
+        probe.adopt(model, verdict, mode, dtype=dtype, **loss_options)
     if bf16:  # inside a unit's forward its parameters are the gathered bf16 copies, which the plan is keyed on
-        probe.adopt(model, box[0], mode, dtype=torch.bfloat16, **loss_options)
+        probe.adopt(model, verdict, mode, dtype=torch.bfloat16, **loss_options)
 
 
 def _receive_rank0_state(module, model, full_state: dict, world: World, cpu_offload: bool) -> None:

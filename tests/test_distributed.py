@@ -241,9 +241,12 @@ def test_fsdp_bf16_computes_in_bf16_over_fp32_shards_like_ddp_autocast(one_proce
     """--fsdp --bf16 --cpu-offload: the sharded parameters (half of each on a rank) and Adam's moments stay float32,
     a decoder layer's linear computes with bf16 weights and inputs (FSDP2's MixedPrecisionPolicy), not autocast.
     Against bf16 autocast with the global batch (as DDP --bf16), which rounds elsewhere (autocast keeps norms and
-    residual additions in float32, FSDP2 casts the weights once), the training losses agree to 2e-2 relative:
-    bf16 keeps 8 significant bits (2^-9 = 2e-3 relative an operation), and four steps at the embedded learning
-    rate 3e-3 move the two runs' weights apart; against the float32 run they differ by more than 1e-5."""
+    residual additions in float32, FSDP2 casts the weights once), the losses agree to 2e-3 relative and the
+    gradient norms to 5e-2 (measured: 8.7e-4 and 2.4e-2 at most over the 4 steps): bf16 keeps 8 significant bits
+    (2^-9 = 2e-3 relative an operation); the loss is a mean over every response token of near-uniform log-probs
+    (log 258 = 5.55), so its rounding averages out, and the gradient norm sums the squares of rounded gradients.
+    Against the float32 run every loss differs by more than 1e-6 (the FSDP2-DDP agreement in float32; measured
+    8.5e-6 at step 1, 8.5e-4 at step 4)."""
     dtypes = tmp_path / "dtypes.json"
     torchrun(["--record-dtypes", str(dtypes), "--", *FSDP, "--bf16", "--cpu-offload", "--save-every", "0",
               "--output-dir", "out"], tmp_path, program=[os.path.join(TESTS, "faults.py")])  # fmt: skip
@@ -254,8 +257,9 @@ def test_fsdp_bf16_computes_in_bf16_over_fp32_shards_like_ddp_autocast(one_proce
     autocast, fp32 = metrics(one_process("bf16", "--bf16")), metrics(one_process("fp32"))
     train_rows = [r for r in metrics(tmp_path / "out") if r["type"] == "train"]
     for row, want, full in zip(train_rows, [r for r in autocast if r["type"] == "train"], [r for r in fp32 if r["type"] == "train"]):
-        assert row["loss"] == pytest.approx(want["loss"], rel=2e-2), row["step"]
-        assert row["loss"] != pytest.approx(full["loss"], rel=1e-5), row["step"]
+        assert row["loss"] == pytest.approx(want["loss"], rel=2e-3), row["step"]
+        assert row["grad_norm"] == pytest.approx(want["grad_norm"], rel=5e-2), row["step"]
+        assert row["loss"] != pytest.approx(full["loss"], rel=1e-6), row["step"]
 
 
 def test_lora_under_fsdp_loading_on_rank_0_only_equals_lora_with_the_global_batch(one_process, tiny_llama, tmp_path):
