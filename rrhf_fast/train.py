@@ -20,14 +20,16 @@ Outputs in --output-dir:
                             scheduler.pt, rng.pt (rng-rank<r>.pt for the other ranks), trainer_state.json (step,
                             data position, processes), train_config.json;
                             written to a temporary directory, fsynced and renamed, so a crash never leaves half of
-                            one; --save-total-limit N keeps the newest N
-    final/                  the trained model and tokenizer in Hugging Face format
+                            one; --save-total-limit N keeps the newest N. Under --fsdp sharded/ (every rank's
+                            shard, torch.distributed.checkpoint) replaces the model and optimizer.pt
+    final/                  the trained model and tokenizer in Hugging Face format (safetensors files of at most
+                            --max-shard-size)
     With --lora-r, checkpoints and final/ hold the adapter (adapter_config.json + adapter_model.safetensors,
     for peft.PeftModel.from_pretrained on the --model base), and --merge-lora makes final/ the merged model.
     curves.png, summary.json
 
 Several processes: `torchrun --nproc_per_node N -m rrhf_fast.train [the same flags]` runs DDP (NCCL on CUDA,
-gloo on CPU), or FSDP2 with --fsdp (CUDA); see rrhf_fast.distributed. Each rank reads its own share of every
+gloo on CPU), or FSDP2 with --fsdp (rank 0 alone reads the weights); see rrhf_fast.distributed. Each rank reads its own share of every
 micro-batch, so N processes with --batch-size B take the steps one process takes with --batch-size N x B; rank 0
 alone logs and writes files.
 
