@@ -18,6 +18,7 @@ Run as a script it launches the trainer's command with the faults installed:
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -53,6 +54,9 @@ def install_faults(args, rank: int) -> None:
 
     def before_forward(module, inputs):
         if steps[0] + 1 == hang:
+            # the trainer's SIGTERM handler would only note the launcher's SIGTERM and sleep on until its SIGKILL
+            # (30 s later): the default action ends the hung process at once
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             time.sleep(3600)
         if steps[0] + 1 == crash:
             raise RuntimeError(f"patched failure on rank {rank} at step {crash}")
