@@ -388,9 +388,10 @@ def load_checkpoint(directory: str, module: torch.nn.Module, optimizer, world: W
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise ValueError(f"{directory}: no sharded state ({SHARDED_STATE}/.metadata); not a checkpoint written with --fsdp")
     state = _sharded_state(module, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path)  # raises when the checkpoint lacks a trained parameter of this model
+    # strict=False: the frozen parameters (a LoRA base) are not in the state, and stay as they were loaded
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(ignore_frozen_params=True))  # fmt: skip
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

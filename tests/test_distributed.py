@@ -268,7 +268,8 @@ def test_lora_under_fsdp_loading_on_rank_0_only_equals_lora_with_the_global_batc
     base and the adapters share each decoder layer's FSDP2 unit. Every logged number equals one process's with
     the global batch (which DDP equals) to 1e-6 relative, the final adapter to 1e-5 as one vector (Adam divides by
     the root of the squared gradient, which turns the reductions' rounding into larger steps on 2-wide adapters).
-    Checkpoints and final/ hold the adapter alone. Dropout off: each rank draws its own masks."""
+    Checkpoints and final/ hold the adapter alone, and resuming from one ends with the same adapter exactly.
+    Dropout off: each rank draws its own masks."""
     from safetensors.torch import load_file
 
     lora = ["--model", tiny_llama, "--lora-r", "2", "--lora-dropout", "0", "--learning-rate", "1e-2"]
@@ -281,6 +282,14 @@ def test_lora_under_fsdp_loading_on_rank_0_only_equals_lora_with_the_global_batc
     assert any(t.abs().max() > 0 for name, t in expected.items() if "lora_B" in name)  # the adapter did train
     model_keys = {k for k in dcp_keys(tmp_path / "out" / "checkpoint-4") if k.startswith("model.")}
     assert model_keys and all(".lora_" in key for key in model_keys)
+
+    # resumed from checkpoint-2 (its adapter shards; the frozen base from --model), the same adapter exactly
+    shutil.rmtree(tmp_path / "out" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "out" / "final")
+    os.remove(tmp_path / "out" / "summary.json")
+    torchrun([*FSDP, *lora, "--output-dir", "out", "--resume"], tmp_path)
+    resumed = load_file(tmp_path / "out" / "final" / "adapter_model.safetensors")
+    assert all(torch.equal(resumed[key], adapter[key]) for key in adapter)
 
 
 def test_fsdp_refuses_what_it_cannot_do(capsys):
