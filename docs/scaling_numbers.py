@@ -7,10 +7,12 @@ Pure arithmetic (no torch, no GPU, no download); every formula is the one docs/s
 Units: GiB = 2**30 bytes, as torch.cuda.memory_allocated() reports; parameter counts exact; activations are
 estimates (docs/scaling.md, "Activations").
 
-Two kinds of case: what the trainer does today (`--bf16` = torch.autocast(bf16, cache_enabled=False) over fp32
-weights; `--fsdp` = fully_shard with no mixed-precision policy, so fp32 weights are gathered; LoRA under DDP only)
-and, marked "not implemented", what an FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), --lora-r
-accepted with --fsdp, or a LoRA base loaded in bf16 would give.
+What the trainer does: `--fsdp --bf16` = fully_shard with MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32) over fp32 shards (bf16 gathers, no autocast); `--cpu-offload` keeps the shards, their
+gradients and the AdamW step in host memory; `--bf16` without --fsdp = torch.autocast(bf16, cache_enabled=False)
+over fp32 weights; LoRA under DDP or --fsdp, the base loaded in fp32. Marked "not implemented": a LoRA base
+loaded in bf16. Marked "before": --fsdp --bf16 as autocast over fp32 gathers, which the trainer did until the
+MixedPrecisionPolicy, kept for comparison.
 """
 
 GIB = 2**30
@@ -33,6 +35,10 @@ CUDA_CHUNK_ELEMENTS = 2**28  # logits per chunk of the fused head on CUDA: as in
 # what is not counted (CUDA context, NCCL buffers, allocator fragmentation)
 BUDGET_GIB = 70.0
 MAX_GPUS = 512  # the largest GPU count searched
+# --cpu-offload: host memory of a node of 8 GPUs (an HGX H100 server has 2 TiB) that its 8 ranks' shards, gradients
+# and AdamW state may take, leaving the rest for the processes, pinned buffers and the page cache
+HOST_BUDGET_GIB = 1500.0
+GPUS_PER_NODE = 8
 FULL_FT_GPUS = {"Llama-3-8B": (2, 4, 8, 16), "Llama-3-70B": (8, 16, 32, 64), "Llama-3.1-405B": (128, 256, 512)}
 
 # Measured on an H100 (docs/scaling.md, section 5): the allocated bytes a Llama-3-8B-shaped layer adds after the
@@ -47,10 +53,9 @@ MEASURED_8B_LAYER = [  # (case, workload, regime, checkpointing, bytes a layer)
 ]
 
 # LoRA setups: label -> (bytes a base parameter is held in, FSDP2, bytes a gathered parameter has under FSDP2).
-# Today LoRA runs under DDP only: rrhf_fast.train refuses --lora-r with --fsdp.
 LORA_DDP = "DDP, fp32 base"
-LORA_FSDP = "not implemented: --fsdp, fp32 base, fp32 gather"
-LORA_FSDP_BF16 = "not implemented: --fsdp, fp32 base, bf16 param_dtype"
+LORA_FSDP = "--fsdp, fp32 base, fp32 gather"
+LORA_FSDP_BF16 = "--fsdp --bf16, fp32 base, bf16 param_dtype"
 LORA_DDP_BF16_BASE = "not implemented: DDP, bf16 base"
 LORA_FSDP_BF16_BASE = "not implemented: --fsdp, bf16 base, bf16 param_dtype"
 LORA_SETUPS = {
@@ -184,10 +189,12 @@ def shard(p, W, bytes_per_param):
     return bytes_per_param * p["total"] / W if W else 0
 
 
-def full_ft(m, p, w, W, ckpt=True):
-    """Not implemented: full fine-tuning with FSDP2 over W GPUs and MixedPrecisionPolicy(param_dtype=bf16,
-    reduce_dtype=fp32): bf16 gathered params, fp32 sharded state, no autocast casts."""
-    sharded = shard(p, W, 1)
+def full_ft(m, p, w, W, ckpt=True, offload=False):
+    """Full fine-tuning as `--fsdp --bf16` runs over W GPUs: FSDP2 with MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32): bf16 gathered params, fp32 sharded state, no autocast casts. offload (--cpu-offload): the
+    fp32 shards, their gradients, AdamW's moments and its step live in host memory (16 bytes x params / W a rank,
+    20 during the step); the GPU holds what is gathered and computed."""
+    sharded = 0 if offload else shard(p, W, 1)
     root = 2 * p["root"]  # the root unit (embeddings, final norm, LM head) stays gathered, bf16
     layers = 10 * p["layer"]  # 2 gathered layers in bf16 + a layer's bf16 gradient + its fp32 reduce-scatter copy
     act = activations(m, p, w, "bf16", ckpt)
@@ -196,12 +203,26 @@ def full_ft(m, p, w, W, ckpt=True):
     rows["backward"] = sum(rows.values())  # at the start of the backward, everything above is held at once
     # the optimizer step: the shards, plus AdamW's (foreach) fp32 temporary the size of v; nothing else is held
     rows["step"] = 20 * sharded
+    rows["host"] = shard(p, W, 20) if offload else 0  # a rank's share in host memory, step temporary included
     rows["total"] = max(rows["backward"], rows["step"])
     return rows
 
 
-def full_ft_today(m, p, w, W, ckpt=True):
-    """Full fine-tuning as `--fsdp --bf16` runs today over W GPUs (W=None: the floor as W grows).
+def host_per_node(r, W):
+    """Host bytes a node holds under --cpu-offload: its ranks' shares (min(W, 8) ranks)."""
+    return r["host"] * min(W, GPUS_PER_NODE) if W else 0
+
+
+def full_ft_offload(m, p, w, W):
+    """--fsdp --bf16 --cpu-offload, for the fewest-GPU search: a GPU count fits when the GPU peak fits the budget
+    and the node's host memory HOST_BUDGET_GIB (else total is infinite)."""
+    r = full_ft(m, p, w, W, offload=True)
+    return r if host_per_node(r, W) <= HOST_BUDGET_GIB * GIB else {**r, "total": float("inf")}
+
+
+def full_ft_before(m, p, w, W, ckpt=True):
+    """Before: full fine-tuning as `--fsdp --bf16` ran until the MixedPrecisionPolicy, over W GPUs (W=None: the
+    floor as W grows), for comparison.
 
     fp32 gathered: the root unit (4 bytes x its parameters) for the whole step; two decoder layers (8 bytes x a
     layer) in the forward, and in the backward also one layer's fp32 gradient and the fp32 reduce-scatter buffer
@@ -313,13 +334,14 @@ def summary_table():
                 return f"none: DDP holds {fmt(one['total'])} GiB a GPU"
             return fewest_cell(lambda W: lora(m, p, w, W, fsdp), ", FSDP2")
 
-        rows.append([name, wn, fewest_cell(lambda W: full_ft_today(m, p, w, W)), lora_cell(LORA_DDP),
-                     fewest_cell(lambda W: full_ft(m, p, w, W)), lora_cell(LORA_DDP, LORA_FSDP, ", as today"),
-                     lora_cell(LORA_DDP, LORA_FSDP_BF16, ", as today"),
-                     lora_cell(LORA_DDP_BF16_BASE, LORA_FSDP_BF16_BASE)])
-    header = ["model", "workload", "full fine-tuning, today", "LoRA, today (DDP, fp32 base)",
-              "not implemented: full fine-tuning, bf16 param_dtype", "not implemented: LoRA with --fsdp",
-              "not implemented: LoRA with --fsdp, bf16 param_dtype", "not implemented: LoRA, bf16 base"]
+        rows.append([name, wn, fewest_cell(lambda W: full_ft(m, p, w, W)),
+                     fewest_cell(lambda W: full_ft_offload(m, p, w, W)),
+                     lora_cell(LORA_DDP, LORA_FSDP), lora_cell(LORA_DDP, LORA_FSDP_BF16),
+                     lora_cell(LORA_DDP_BF16_BASE, LORA_FSDP_BF16_BASE),
+                     fewest_cell(lambda W: full_ft_before(m, p, w, W))])
+    header = ["model", "workload", "full fine-tuning: --fsdp --bf16", "full fine-tuning: --fsdp --bf16 --cpu-offload",
+              "LoRA: DDP, or --fsdp (fp32 gather)", "LoRA: DDP, or --fsdp --bf16",
+              "not implemented: LoRA, bf16 base", "before: full fine-tuning, autocast over fp32 gathers"]
     return "Fewest GPUs (powers of two, gradient checkpointing)", header, rows
 
 
@@ -429,11 +451,11 @@ def head_table():
     return "Loss head (GiB)", header, rows
 
 
-def full_ft_today_table():
+def full_ft_before_table():
     rows = []
     for name, m, p, wn, w in cases():
         for W in (*FULL_FT_GPUS[name], None):
-            r, r0 = full_ft_today(m, p, w, W), full_ft_today(m, p, w, W, ckpt=False)
+            r, r0 = full_ft_before(m, p, w, W), full_ft_before(m, p, w, W, ckpt=False)
             rows.append([name, wn, W or "floor", fmt(r["shards"]), fmt(r["root"]),
                          f"{fmt(r['layers_fwd'])} / {fmt(r['layers_bwd'])}", fmt(r["copy_fwd"], 2), fmt(r["inputs"]),
                          fmt(r["recomputed"]), " / ".join(fmt(r[c]) for c in ("head_fwd", "head_bwd", "head_grad")),
@@ -444,21 +466,21 @@ def full_ft_today_table():
               "checkpointed inputs, fp32", "recomputed layer",
               "loss head: forward / its backward / fp32 dW in the layers' backward", "forward peak",
               "backward peak", "step peak", FITS, "activations, no ckpt", "peak, no ckpt", FITS]
-    return "Full fine-tuning today: --fsdp --bf16, fp32 gather under autocast (GiB per GPU)", header, rows
+    return "Before: full fine-tuning as --fsdp --bf16 ran with autocast over fp32 gathers (GiB per GPU)", header, rows
 
 
-def full_ft_planned_table():
+def full_ft_table():
     rows = []
     for name, m, p, wn, w in cases():
         for W in FULL_FT_GPUS[name]:
-            r, r0 = full_ft(m, p, w, W), full_ft(m, p, w, W, ckpt=False)
+            r, r0, off = full_ft(m, p, w, W), full_ft(m, p, w, W, ckpt=False), full_ft(m, p, w, W, offload=True)
             rows.append([name, wn, W, *(fmt(r[c]) for c in ("weights", "grads", "adam", "gathered", "act", "head",
                                                             "backward", "step")), fits(r), fmt(r0["act"]),
-                         fmt(r0["total"]), fits(r0)])
+                         fmt(r0["total"]), fits(r0), fmt(off["total"]), fmt(host_per_node(off, W))])
     header = ["model", "workload", "GPUs", "weights fp32", "grads fp32", "AdamW m, v", "gathered bf16",
               "activations, ckpt", "loss head", "backward peak, ckpt", "step peak", FITS, "activations, no ckpt",
-              "peak, no ckpt", FITS]
-    return "Not implemented: full fine-tuning with a bf16 param_dtype (GiB per GPU)", header, rows
+              "peak, no ckpt", FITS, "--cpu-offload: GPU peak, ckpt", f"--cpu-offload: host memory a node (<= {HOST_BUDGET_GIB:.0f})"]
+    return "Full fine-tuning: --fsdp --bf16, bf16 param_dtype over fp32 shards (GiB per GPU)", header, rows
 
 
 def lora_table():
@@ -480,8 +502,7 @@ def lora_table():
 
 def main():
     tables = (summary_table, parameters_table, pieces_table, tokens_table, measured_table, per_layer_table,
-              lora_per_token_table, all_layers_table, head_table, full_ft_today_table, full_ft_planned_table,
-              lora_table)
+              lora_per_token_table, all_layers_table, head_table, full_ft_table, full_ft_before_table, lora_table)
     print("\n\n".join(f"## {title}\n\n{table(header, rows)}" for title, header, rows in (t() for t in tables)))
 
 

@@ -2,14 +2,20 @@
 
 A checkpoint is `<output-dir>/checkpoint-<step>/`:
     model + tokenizer     Hugging Face format (safetensors); under LoRA the adapter alone
-    optimizer.pt          AdamW state (gathered onto rank 0 under FSDP2)
+    optimizer.pt          AdamW state
+    under --fsdp instead of those two:
+    sharded/              torch.distributed.checkpoint of the trained weights and their AdamW state, one file a
+                          rank and the .metadata index (the adapter alone under LoRA); nothing is gathered
+                          (rrhf_fast.distributed.save_checkpoint), so this is not a Hugging Face directory
+    tokenizer             (under --fsdp too)
     scheduler.pt          the learning-rate schedule's state
     rng.pt                rank 0's RNG states (python, numpy, torch, this GPU's); rng-rank<r>.pt for rank r > 0
     train_config.json     the resolved TrainConfig
     trainer_state.json    step, data position, tokens, eval_before, world size: written last, so its presence
                           marks the checkpoint complete
 Every directory is written into a temporary one beside it, its files fsynced, then renamed into place: a
-crash leaves a `.tmp-*` directory, never half a checkpoint. JSON is written with NaN and infinities as null,
+crash leaves a `.tmp-*` directory, never half a checkpoint (under --fsdp every rank writes its shard into it
+and rank 0 renames it once all have). JSON is written with NaN and infinities as null,
 so that metrics.jsonl and summary.json stay valid JSON.
 """
 
@@ -169,34 +175,35 @@ def prune(output_dir: str, keep: int | None) -> None:
         shutil.rmtree(path)
 
 
-def save_model(directory: str, model, tokenizer, weights, *, lora: bool, merge: bool = False) -> None:
-    """The weights (a full state dict from rank 0), or under LoRA the adapter, or the merged model; and the tokenizer."""
+def save_model(directory: str, model, tokenizer, weights, *, lora: bool, merge: bool = False,
+               max_shard_size: int | str = "5GB") -> None:  # fmt: skip
+    """The weights, or under LoRA the adapter, or the merged model; and the tokenizer. weights: the full state dict
+    (of the adapter alone under LoRA) gathered onto rank 0 under FSDP2, whose own tensors are shards; None: the
+    model's own. Safetensors files of at most max_shard_size bytes, with the index from_pretrained reads."""
     if lora and merge:
+        if weights is not None:
+            raise ValueError("--merge-lora needs the whole model on rank 0: not under --fsdp")
         from rrhf_fast.lora import merged_model
 
-        merged_model(model).save_pretrained(directory)
+        merged_model(model).save_pretrained(directory, max_shard_size=max_shard_size)
     elif lora:
         from rrhf_fast.lora import save_adapter
 
-        save_adapter(model, directory)
+        save_adapter(model, directory, state_dict=weights)
     else:
-        model.save_pretrained(directory, state_dict=weights)
+        model.save_pretrained(directory, state_dict=weights, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(directory)
 
 
 def write(output_dir: str, state: LoopState, *, model, tokenizer, train_module, optimizer, scheduler, world, config: dict,
           micro_per_epoch: int) -> str:  # fmt: skip
-    """checkpoint-<step>/ of the loop at `state`; every rank calls it (FSDP2 gathers onto rank 0), rank 0 writes."""
-    weights = distributed.full_model_state(model, world)
-    optimizer_state = distributed.optimizer_state(train_module, optimizer, world)
+    """checkpoint-<step>/ of the loop at `state`; every rank calls it. Under FSDP2 every rank writes its shard of
+    the weights and of the optimizer state (distributed.save_checkpoint) and rank 0 the small files; otherwise
+    rank 0 writes the model and optimizer.pt too."""
     rngs = distributed.gather_objects(rng_states(world.device), world)
     path = os.path.join(output_dir, f"checkpoint-{state.step}")
-    if not world.is_main:
-        return path
 
-    def fill(tmp):
-        save_model(tmp, model, tokenizer, weights, lora=bool(config["lora_r"]))
-        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+    def small_files(tmp):
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         for rank, states in enumerate(rngs):
             torch.save(states, os.path.join(tmp, rng_file(rank)))
@@ -204,6 +211,23 @@ def write(output_dir: str, state: LoopState, *, model, tokenizer, train_module, 
         trainer_state = {**asdict(state), "epoch": state.data_position / micro_per_epoch, "world_size": world.size,
                          "fsdp": world.fsdp}  # fmt: skip
         save_json(trainer_state, os.path.join(tmp, STATE_FILE))  # written last: marks the checkpoint complete
+
+    if world.fsdp:
+
+        def sharded_rest(tmp):  # DCP fsyncs each rank's shard itself
+            tokenizer.save_pretrained(tmp)
+            small_files(tmp)
+            _fsync_tree(tmp)
+
+        distributed.save_checkpoint(path, train_module, optimizer, world, write_rest=sharded_rest)
+        return path
+    if not world.is_main:
+        return path
+
+    def fill(tmp):
+        save_model(tmp, model, tokenizer, None, lora=bool(config["lora_r"]), max_shard_size=config["max_shard_size"])
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        small_files(tmp)
 
     atomic_dir(path, fill)
     return path
@@ -215,25 +239,33 @@ def read_state(checkpoint: str) -> dict:
 
 def check_resumable(checkpoint: str, world) -> None:
     """A checkpoint resumes only in a job of the same shape: its data position counts global micro-batches of
-    --batch-size x processes, it holds one RNG state a rank, and under --fsdp its optimizer state is keyed by name.
-    ValueError otherwise."""
+    --batch-size x processes, it holds one RNG state a rank, and under --fsdp its state is sharded (DCP could
+    reshard it, but the data position would then mean other queries). ValueError otherwise."""
     state = read_state(checkpoint)
     size, fsdp = state.get("world_size", 1), state.get("fsdp", False)
     if size != world.size:
+        if fsdp:  # sharded state, not a Hugging Face directory: --model cannot read it
+            another = ("an --fsdp checkpoint is sharded state, not a model directory: to go on at another size, start a "
+                       "new run with --model on the final/ of a finished run (a Hugging Face directory)")  # fmt: skip
+        else:
+            another = f"to go on at another size, start a new run from its weights with --model {checkpoint}"
         raise ValueError(
             f"{checkpoint} was written by {size} process{'es' if size > 1 else ''} and this run has {world.size}: "
-            f"--resume needs the same number (torchrun --nproc_per_node x --nnodes = {size}); to go on at another size, "
-            f"start a new run from its weights with --model {checkpoint}"
+            f"--resume needs the same number (torchrun --nproc_per_node x --nnodes = {size}); {another}"
         )
     if fsdp != world.fsdp:
         raise ValueError(f"{checkpoint} was written {'with' if fsdp else 'without'} --fsdp: resume {'with' if fsdp else 'without'} it")
 
 
 def load(checkpoint: str, *, train_module, optimizer, scheduler, world) -> LoopState:
-    """Restore the optimizer, the schedule and this rank's RNG states; the loop state to continue from.
-    (The model's weights, or the adapter's, are loaded with the model, before it is wrapped.)"""
+    """Restore the optimizer, the schedule and this rank's RNG states; the loop state to continue from. Under
+    FSDP2 the trained weights too (each rank reads its shard); otherwise the model's weights, or the adapter's,
+    were loaded with the model, before it was wrapped."""
     state = read_state(checkpoint)
-    distributed.load_optimizer_state(train_module, optimizer, os.path.join(checkpoint, "optimizer.pt"), world)
+    if world.fsdp:
+        distributed.load_checkpoint(checkpoint, train_module, optimizer, world)
+    else:
+        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=world.device))
     scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt")))
     set_rng_states(torch.load(os.path.join(checkpoint, rng_file(world.rank)), weights_only=False), world.device)
     return LoopState(state["step"], state["data_position"], state["tokens"], state["eval_before"])

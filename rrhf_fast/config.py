@@ -31,6 +31,16 @@ POSITIVE_INT, NONNEGATIVE_INT = number(int, 1), number(int, 0)
 POSITIVE, NONNEGATIVE = number(float, 0, low_inclusive=False), number(float, 0)
 
 
+def file_size(text: str) -> int:
+    """--max-shard-size: bytes, or a number with KB / MB / GB (powers of 1000) or KiB / MiB / GiB (of 1024)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    size = convert_file_size_to_int(text.strip())  # ValueError for what it cannot read: argparse's one-line error
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(text)
+    return size
+
+
 def flag(default, help: str, *aliases: str, type=None, choices=None, section=None):
     """A TrainConfig field: its default and what its flag needs (help, HF aliases, argparse type, choices)."""
     meta = dict(help=help, aliases=aliases, type=type, choices=choices, section=section)
@@ -90,8 +100,10 @@ class TrainConfig:
     lora_target_modules: str = flag("all-linear", "all-linear (every linear layer but the LM head: q,k,v,o,gate,up,down_proj on Llama) or comma-separated module names", "--lora_target_modules")
     merge_lora: bool = flag(False, "final/ holds the model with the adapters merged in (loads in plain transformers) instead of the adapter alone", "--merge_lora")
 
-    fsdp: bool = flag(False, "shard weights, gradients and optimizer state over the GPUs with FSDP2 (one unit per decoder layer), instead of DDP's full copy on each", section="several processes (launched by torchrun; examples below)")
+    fsdp: bool = flag(False, "shard weights, gradients and optimizer state over the processes with FSDP2 (one unit per decoder layer), instead of DDP's full copy on each; with --bf16, bf16 compute over fp32 shards; checkpoints sharded (torch.distributed.checkpoint)", section="several processes (launched by torchrun; examples below)")
     ddp_timeout: int = flag(1800, "seconds a rank waits for the others in a collective before the job fails (a hung rank ends the job after this)", "--ddp_timeout", type=POSITIVE_INT)
+    cpu_offload: bool = flag(False, "with --fsdp: keep the shards, their gradients and the optimizer step in host memory (FSDP2's CPUOffloadPolicy)")
+    max_shard_size: int = flag(5 * 10**9, "bytes in the largest safetensors file of final/ and of non-sharded checkpoints (also 500MB, 5GB, 2GiB)", "--save_max_shard_size", type=file_size)
 
     task_train_size: int = flag(9000, f"training queries of the addition task (train + held-out at most {TASK_QUERIES})", type=POSITIVE_INT, section="the embedded default (ignored with --model / --data)")
     task_eval_size: int = flag(200, "held-out queries of the addition task", type=POSITIVE_INT)
@@ -101,7 +113,7 @@ class TrainConfig:
 
 # Settings that do not change what a resumed run computes: --resume may differ from the checkpoint's in these
 # (--output-dir is where the checkpoint was found; it may be spelt another way).
-NOT_RESUMED = ("resume", "overwrite_output_dir", "output_dir", "ddp_timeout", "save_total_limit", "report_to")
+NOT_RESUMED = ("resume", "overwrite_output_dir", "output_dir", "ddp_timeout", "save_total_limit", "report_to", "max_shard_size")
 
 TORCHRUN_HELP = """\
 several processes, the same flags (a step takes --batch-size x --grad-accum x processes queries):
@@ -110,6 +122,7 @@ several processes, the same flags (a step takes --batch-size x --grad-accum x pr
   torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --nproc_per_node 8 -m rrhf_fast.train ...
                                                        # 2 machines; R = 0 and 1, HOST = node 0's address
   torchrun --nproc_per_node 2 -m rrhf_fast.train --device cpu                           # DDP on CPU (gloo)
+  torchrun --nproc_per_node 2 -m rrhf_fast.train --device cpu --fsdp                    # FSDP2 on CPU (gloo)
 """
 
 
@@ -161,9 +174,11 @@ def resolve(argv) -> TrainConfig:
                 raise InputError(f"{name} needs --lora-r: LoRA is off without an adapter rank")
     else:
         lora_options(cfg)  # checks the values: bad ones are errors before anything loads
-        if cfg.fsdp:
-            raise InputError("--lora-r with --fsdp is not supported: train the adapters with DDP (leave out --fsdp); "
-                             "the frozen base is the same on every GPU")
+        if cfg.fsdp and cfg.merge_lora:
+            raise InputError("--merge-lora with --fsdp is not supported: final/ holds the adapter; merge it afterwards with "
+                             "peft.PeftModel.from_pretrained(base, 'final').merge_and_unload().save_pretrained(...)")
+    if cfg.cpu_offload and not cfg.fsdp:
+        raise InputError("--cpu-offload offloads FSDP2's shards to host memory: pass --fsdp too")
     if cfg.model is None and cfg.tiny_hidden_size % 8:
         raise InputError(f"--tiny-hidden-size must be a multiple of 8 (4 heads of even size), got {cfg.tiny_hidden_size}")
     return cfg

@@ -4,6 +4,7 @@ single-process no-op, so rrhf_fast.train has one loop for both.
 
     torchrun --nproc_per_node 4 -m rrhf_fast.train --model M --data D ...                 # DDP
     torchrun --nproc_per_node 4 -m rrhf_fast.train --model M --data D --fsdp --bf16 ...   # FSDP2 (CUDA or CPU)
+    torchrun --nproc_per_node 4 -m rrhf_fast.train ... --fsdp --lora-r 16                  # LoRA, base sharded
 
 The loss head runs inside the wrapped module. `ModelLoss.forward(batch)` is rrhf_fast.prefix.model_loss: the
 model body and the fused loss, which reads the LM head's weight directly instead of calling the head. Wrapping
@@ -192,6 +193,36 @@ def wrap(model, world: World, *, mode: str, loss_options: dict, bf16: bool = Fal
     return module
 
 
+def probe_on_rank0(model, batch, world: World, *, mode: str, loss_options: dict, bf16: bool = False):
+    """Under FSDP2, before wrap: rank 0 runs rrhf_fast.probe's exactness check on its real weights (the other ranks
+    may hold a meta model, and the probe's per-parameter gradients cannot be taken through shards), and every rank
+    caches rank 0's verdict for its model, so model_loss runs the same path everywhere (bf16: for the bf16 compute
+    of wrap(..., bf16=True) too, probed in float32 before the cast). A ValueError of the probe
+    (an explicit mode that fails) is raised on every rank. Returns rank 0's Plan; a no-op (None) without FSDP2,
+    where model_loss probes on first use."""
+    if not world.fsdp:
+        return None
+    from rrhf_fast import probe
+
+    verdict = dtype = None
+    if world.is_main:
+        dtype = probe.compute_dtype(model)
+        try:
+            verdict = probe.plan(model, batch.to(next(model.parameters()).device), mode, **loss_options)
+        except ValueError as err:
+            verdict = err
+    box = [verdict, dtype]
+    torch.distributed.broadcast_object_list(box, src=0)
+    verdict, dtype = box
+    if isinstance(verdict, ValueError):
+        raise verdict
+    if not world.is_main:  # keyed on rank 0's dtype: a meta model has no autocast state to read
+        probe.adopt(model, verdict, mode, dtype=dtype, **loss_options)
+    if bf16:  # inside a unit's forward its parameters are the gathered bf16 copies, which the plan is keyed on
+        probe.adopt(model, verdict, mode, dtype=torch.bfloat16, **loss_options)
+    return verdict
+
+
 def _receive_rank0_state(module, model, full_state: dict, world: World, cpu_offload: bool) -> None:
     """Fill every rank's shards with rank 0's values, after allocating them (on its device, or in host memory
     under CPU offload) where the model was built on the meta device; the buffers the state dict leaves out
@@ -303,28 +334,6 @@ def full_model_state(model, world: World, *, trained_only: bool = False) -> dict
     return get_model_state_dict(model, options=_full_state_options(trained_only))
 
 
-def optimizer_state(module: torch.nn.Module, optimizer, world: World) -> dict:
-    """What optimizer.pt holds: optimizer.state_dict(), or under FSDP2 the full state gathered on rank 0 and
-    keyed by parameter name (every rank must call it). Under FSDP2 save_checkpoint writes it sharded instead."""
-    if not world.fsdp:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(module, optimizer, options=_full_state_options())
-
-
-def load_optimizer_state(module: torch.nn.Module, optimizer, path: str, world: World) -> None:
-    """Restore what optimizer_state saved. Under FSDP2 rank 0 reads the file and each rank receives its shard."""
-    if not world.fsdp:
-        optimizer.load_state_dict(torch.load(path, map_location=world.device))
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    state = torch.load(path, map_location="cpu") if world.is_main else {}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Sharded checkpoints (torch.distributed.checkpoint)
 
@@ -381,9 +390,10 @@ def load_checkpoint(directory: str, module: torch.nn.Module, optimizer, world: W
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise ValueError(f"{directory}: no sharded state ({SHARDED_STATE}/.metadata); not a checkpoint written with --fsdp")
     state = _sharded_state(module, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path)  # raises when the checkpoint lacks a trained parameter of this model
+    # strict=False: the frozen parameters (a LoRA base) are not in the state, and stay as they were loaded
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(ignore_frozen_params=True))  # fmt: skip
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -77,14 +77,20 @@ def model_config(path: str, *, trust_remote_code: bool = False):
         raise ValueError(f"{path}: cannot load the model or tokenizer: {_one_line(err)}") from None
 
 
-def load_model_and_tokenizer(path: str, *, dtype=torch.float32, trust_remote_code: bool = False):
-    """(model, tokenizer) from a local Hugging Face causal-LM directory; pad_token set to EOS when missing."""
+def load_model_and_tokenizer(path: str, *, dtype=torch.float32, trust_remote_code: bool = False, on_meta: bool = False):
+    """(model, tokenizer) from a local Hugging Face causal-LM directory; pad_token set to EOS when missing.
+    on_meta: the model built from its config on the meta device, no weights read (FSDP2's ranks other than 0,
+    which receive their shards from rank 0)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_config(path, trust_remote_code=trust_remote_code)
+    config = model_config(path, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        if on_meta:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise ValueError(f"{path}: cannot load the model or tokenizer: {_one_line(err)}") from None
     check_tokenizer(model, tokenizer, path)

@@ -235,8 +235,7 @@ def plan(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> Plan:
     warning on stderr; an explicit mode that fails raises ValueError naming the mode that passed."""
     if mode not in prefix.MODES:
         raise ValueError(f"mode must be one of {prefix.MODES}, got {mode!r}")
-    trainable = sum(p.requires_grad for p in model.parameters())
-    key = (mode, compute_dtype(model), prefix._is_checkpointing(model), loss_options.get("backend", "auto"), trainable)
+    key = _key(model, mode, loss_options)
     plans = _PLANS.setdefault(model, {})
     if key not in plans:
         plans[key] = run_probe(model, batch, mode, **loss_options)
@@ -247,3 +246,17 @@ def plan(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> Plan:
                 f'rrhf_fast: {type(model).__name__} runs mode="{chosen.mode}" with {head}: {chosen.reason}', stacklevel=3
             )
     return plans[key]
+
+
+def _key(model, mode: str, loss_options: dict, dtype: torch.dtype | None = None) -> tuple:
+    """What a plan is cached under, beside the model: the settings that can change the verdict."""
+    trainable = sum(p.requires_grad for p in model.parameters())
+    dtype = dtype or compute_dtype(model)
+    return (mode, dtype, prefix._is_checkpointing(model), loss_options.get("backend", "auto"), trainable)
+
+
+def adopt(model, chosen: Plan, mode: str = "auto", *, dtype: torch.dtype | None = None, **loss_options) -> None:
+    """Cache `chosen` as `plan(model, ..., mode, **loss_options)`'s answer without probing: for a model whose weights
+    are elsewhere (under FSDP2 the ranks that built it on the meta device take rank 0's verdict). dtype: the
+    compute dtype it is for, when not the model's parameters' (FSDP2's bf16 units gather bf16 copies of fp32 shards)."""
+    _PLANS.setdefault(model, {})[_key(model, mode, loss_options, dtype)] = chosen

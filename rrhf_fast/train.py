@@ -20,15 +20,17 @@ Outputs in --output-dir:
                             scheduler.pt, rng.pt (rng-rank<r>.pt for the other ranks), trainer_state.json (step,
                             data position, processes), train_config.json;
                             written to a temporary directory, fsynced and renamed, so a crash never leaves half of
-                            one; --save-total-limit N keeps the newest N
-    final/                  the trained model and tokenizer in Hugging Face format
+                            one; --save-total-limit N keeps the newest N. Under --fsdp sharded/ (every rank's
+                            shard, torch.distributed.checkpoint) replaces the model and optimizer.pt
+    final/                  the trained model and tokenizer in Hugging Face format (safetensors files of at most
+                            --max-shard-size)
     With --lora-r, checkpoints and final/ hold the adapter (adapter_config.json + adapter_model.safetensors,
     for peft.PeftModel.from_pretrained on the --model base), and --merge-lora makes final/ the merged model.
     curves.png, summary.json (with the prefix mode and head the probe chose, and its seconds)
     runs/, wandb/           with --report-to tensorboard / wandb / all: the metrics.jsonl scalars (rrhf_fast.report)
 
 Several processes: `torchrun --nproc_per_node N -m rrhf_fast.train [the same flags]` runs DDP (NCCL on CUDA,
-gloo on CPU), or FSDP2 with --fsdp (CUDA); see rrhf_fast.distributed. Each rank reads its own share of every
+gloo on CPU), or FSDP2 with --fsdp (rank 0 alone reads the weights); see rrhf_fast.distributed. Each rank reads its own share of every
 micro-batch, so N processes with --batch-size B take the steps one process takes with --batch-size N x B; rank 0
 alone logs and writes files.
 
@@ -98,8 +100,9 @@ def say(world, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def bf16_autocast(device, enabled: bool):
-    """--bf16: bfloat16 autocast over the fp32 weights, without autocast's weight cache.
+def bf16_autocast(device, cfg: TrainConfig):
+    """--bf16 without --fsdp: bfloat16 autocast over the fp32 weights, without autocast's weight cache. (Under
+    --fsdp, FSDP2 itself gathers the units' weights in bf16: distributed.wrap's MixedPrecisionPolicy.)
 
     The cache keeps the bf16 copy of every weight that needs a gradient until the autocast region ends, here the
     end of the forward. Without checkpointing the matmuls save those copies for their backward anyway; with it
@@ -107,7 +110,7 @@ def bf16_autocast(device, enabled: bool):
     model (16 GB for an 8B model; on the CPU, an 8-layer Llama of hidden 1024 under checkpointing kept 256 MiB,
     exactly its linear weights in bf16, until the region ended). Without it a weight is cast where it is used.
     """
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and not cfg.fsdp, cache_enabled=False)
 
 
 def peak_memory_mb(device) -> float:
@@ -165,15 +168,19 @@ def check_inputs(cfg: TrainConfig) -> None:
         report.check(cfg.report_to)
 
 
-def load_model(cfg: TrainConfig, resume_from: str | None):
+def load_model(cfg: TrainConfig, resume_from: str | None, world):
     """(model, tokenizer) to train: from the checkpoint, --model or the embedded build. A LoRA checkpoint holds the
-    adapter only, so under LoRA the base always comes from --model (or the embedded build)."""
-    source = cfg.model if cfg.lora_r else resume_from or cfg.model
+    adapter only, and an --fsdp one sharded state (restored after wrapping), so under either the model comes from
+    --model (or the embedded build). Under --fsdp rank 0 alone reads the weights: the other ranks build the model
+    on the meta device and receive their shards from rank 0 in distributed.wrap (the embedded build is cheap and
+    made everywhere)."""
+    source = cfg.model if cfg.lora_r or cfg.fsdp else resume_from or cfg.model
     if source is None:
         return loading.embedded_model(seed=cfg.seed, hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_layers,
                                       max_positions=max(cfg.model_max_length, 1024))  # fmt: skip
     with bad_input():
-        return loading.load_model_and_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
+        return loading.load_model_and_tokenizer(source, trust_remote_code=cfg.trust_remote_code,
+                                                on_meta=world.fsdp and not world.is_main)  # fmt: skip
 
 
 @dataclass
@@ -237,9 +244,10 @@ def tokenize_data(texts: Texts, tokenizer, cfg: TrainConfig, world) -> tuple[lis
 
 
 def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world, first_batch):
-    """(model, train_module, loss_options, (plan, probe seconds)): checkpointing, LoRA, the exactness probe on `first_batch` (see
-    plan_prefix_mode), then the model inside the module whose forward is the loss, moved to the device (DDP, one
-    process) or sharded over the GPUs (FSDP2)."""
+    """(model, train_module, loss_options, (plan, probe seconds)): checkpointing, LoRA, the exactness probe on
+    first_batch (plan_prefix_mode; under --fsdp rank 0 probes its whole weights and every rank adopts its plan), then
+    the model inside the module whose forward is the loss, moved to the device (DDP, one process) or sharded over the
+    processes (FSDP2)."""
     from rrhf_fast.loss import resolve_backend
 
     if cfg.gradient_checkpointing:  # renamed in transformers 5.2x; the old name still works before that
@@ -249,7 +257,7 @@ def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world, first_ba
 
         with bad_input():
             model = lora.add_lora(model, config.lora_options(cfg))
-            if resume_from is not None:
+            if resume_from is not None and not world.fsdp:  # an --fsdp checkpoint's adapter comes back in resume()
                 lora.load_adapter_weights(model, resume_from)
         say(world, lora.parameter_summary(model))
     model.config.use_cache = False
@@ -260,12 +268,18 @@ def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world, first_ba
     )
     with bad_input("--loss-backend: "):
         resolve_backend(cfg.loss_backend, world.device)
-    plan = (None, 0.0)
-    if not world.fsdp:  # under FSDP2 the other ranks' weights are not there yet: model_loss probes at the first step
+    if world.fsdp:  # the other ranks' weights are not there until wrap: rank 0 probes, every rank takes its plan
+        t0 = time.time()
+        with bad_input("--prefix-mode: "):
+            chosen = distributed.probe_on_rank0(model, first_batch, world, mode=cfg.prefix_mode,
+                                                loss_options=loss_options, bf16=cfg.bf16)  # fmt: skip
+        plan = (chosen, time.time() - t0)
+    else:
         model.to(world.device)
         plan = plan_prefix_mode(model, first_batch.to(world.device), cfg, world, loss_options)
     with bad_input():
-        train_module = distributed.wrap(model, world, mode=cfg.prefix_mode, loss_options=loss_options)
+        train_module = distributed.wrap(model, world, mode=cfg.prefix_mode, loss_options=loss_options,
+                                        bf16=cfg.bf16 and cfg.fsdp, cpu_offload=cfg.cpu_offload)  # fmt: skip
     return model, train_module, loss_options, plan
 
 
@@ -283,7 +297,7 @@ def plan_prefix_mode(model, batch, cfg: TrainConfig, world, loss_options: dict):
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # probe.plan's own warning: said below as one line of this command's
-        with bad_input("--prefix-mode: "), bf16_autocast(world.device, cfg.bf16):
+        with bad_input("--prefix-mode: "), bf16_autocast(world.device, cfg):
             plan = probe.plan(model, batch, cfg.prefix_mode, **loss_options)
     if plan.reason:
         head = "the fused LM head" if plan.head == "fused" else "the model's own logits"
@@ -352,7 +366,7 @@ def train_step(setup: Setup, state: LoopState, train_data: list) -> tuple[dict, 
         state.data_position += 1
         batch = micro_batch(train_data, indices, cfg, setup.pad_id, world.device)
         with distributed.gradient_sync(setup.train_module, world, sync=micro == cfg.grad_accum - 1):
-            with bf16_autocast(world.device, cfg.bf16):
+            with bf16_autocast(world.device, cfg):
                 output = setup.train_module(batch)
             if not torch.isfinite(output.loss):
                 raise NonFiniteLoss(f"non-finite loss ({output.loss.item()}) at step {state.step + 1}", checkpoint.latest(cfg.output_dir))
@@ -383,7 +397,7 @@ def measure(setup: Setup, held_out: HeldOut) -> dict:
     from rrhf_fast.metrics import greedy_answers, mean_reward, ranking_accuracy
 
     cfg, model = setup.cfg, setup.model
-    with bf16_autocast(setup.world.device, cfg.bf16):
+    with bf16_autocast(setup.world.device, cfg):
         result = {"rank_acc": ranking_accuracy(
             model, held_out.examples, batch_size=cfg.eval_batch_size, mode=cfg.prefix_mode,
             loss_options=setup.loss_options, max_tokens=cfg.row_tokens, pad_token_id=setup.pad_id,
@@ -521,7 +535,7 @@ def main(argv=None) -> int:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     texts = read_data(cfg, world)
-    model, tokenizer = load_model(cfg, resume_from)
+    model, tokenizer = load_model(cfg, resume_from, world)
     train_data, held_out = tokenize_data(texts, tokenizer, cfg, world)
     micro_per_epoch = micro_batches_per_epoch(len(train_data), cfg, world)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -584,12 +598,13 @@ def main(argv=None) -> int:
     eval_after, _ = evaluate(setup, held_out, state.step)
     setup.reporter.close()
     say(world, f"after training:  {checkpoint.json_line(eval_after)}")
-    weights = distributed.full_model_state(model, world)
+    weights = distributed.full_model_state(model, world, trained_only=bool(cfg.lora_r))  # FSDP2: gathered on rank 0
     if not world.is_main:
         return 0
 
     def write_final(tmp):
-        checkpoint.save_model(tmp, model, tokenizer, weights, lora=bool(cfg.lora_r), merge=cfg.merge_lora)
+        checkpoint.save_model(tmp, model, tokenizer, weights, lora=bool(cfg.lora_r), merge=cfg.merge_lora,
+                              max_shard_size=cfg.max_shard_size)  # fmt: skip
         checkpoint.save_json(asdict(cfg), os.path.join(tmp, "train_config.json"))
 
     checkpoint.atomic_dir(os.path.join(out, "final"), write_final)

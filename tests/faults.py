@@ -5,6 +5,11 @@
     --hang-at RANK:STEP      that rank sleeps there instead, until the others' collective times out
     --kill-in-save RANK:STEP that rank's process ends (os._exit, as if killed) while DCP writes its shard of a
                              checkpoint after optimizer step STEP
+and one observation:
+    --record-dtypes PATH     rank 0 writes to PATH, after every optimizer step, the dtypes the last nn.Linear of
+                             that step computed with (weight, input), the trained parameters' (their type: a
+                             DTensor shard under FSDP2, and the fraction of each parameter this rank holds) and
+                             Adam's moments'
 
 Run as a script it launches the trainer's command with the faults installed:
 
@@ -13,6 +18,7 @@ Run as a script it launches the trainer's command with the faults installed:
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -23,6 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 def add_fault_flags(parser: argparse.ArgumentParser) -> None:
     for flag in ("--crash-at", "--hang-at", "--kill-in-save"):
         parser.add_argument(flag, metavar="RANK:STEP")
+    parser.add_argument("--record-dtypes", metavar="PATH")
 
 
 def _hits(spec: str | None, rank: int) -> int | None:
@@ -35,6 +42,8 @@ def _hits(spec: str | None, rank: int) -> int | None:
 
 def install_faults(args, rank: int) -> None:
     """Patch what args' faults hit on this rank: global module-forward and optimizer-step hooks, DCP's writer."""
+    if args.record_dtypes and rank == 0:
+        _record_dtypes(args.record_dtypes)
     crash, hang, kill = (_hits(spec, rank) for spec in (args.crash_at, args.hang_at, args.kill_in_save))
     if crash is None and hang is None and kill is None:
         return
@@ -45,6 +54,9 @@ def install_faults(args, rank: int) -> None:
 
     def before_forward(module, inputs):
         if steps[0] + 1 == hang:
+            # the trainer's SIGTERM handler would only note the launcher's SIGTERM and sleep on until its SIGKILL
+            # (30 s later): the default action ends the hung process at once
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             time.sleep(3600)
         if steps[0] + 1 == crash:
             raise RuntimeError(f"patched failure on rank {rank} at step {crash}")
@@ -63,6 +75,30 @@ def install_faults(args, rank: int) -> None:
             return write_data(self, plan, planner)
 
         FileSystemWriter.write_data = dying_write
+
+
+def _record_dtypes(path: str) -> None:
+    import json
+
+    import torch
+
+    seen = {}
+
+    def linear_input(module, inputs):
+        if isinstance(module, torch.nn.Linear) and inputs and isinstance(inputs[0], torch.Tensor):
+            seen.update(compute_weight=str(module.weight.dtype), compute_input=str(inputs[0].dtype))
+
+    def after_step(optimizer, *_):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        seen.update(param_dtypes=sorted({str(p.dtype) for p in params}), param_types=sorted({type(p).__name__ for p in params}),
+                    local_fraction=sum(t.numel() for t in local) / sum(p.numel() for p in params),
+                    moment_dtypes=sorted({str(s["exp_avg"].dtype) for s in optimizer.state.values()}))  # fmt: skip
+        with open(path, "w") as f:
+            json.dump(seen, f)
+
+    register_module_forward_pre_hook(linear_input)
+    register_optimizer_step_post_hook(after_step)
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def test_bad_data_file(tmp_path, capsys, line, message, which):
         (["--merge-lora"], "--merge-lora needs --lora-r"),
         (["--lora-r", "4", "--lora-dropout", "1"], "--lora-dropout) must be in [0, 1)"),
         (["--lora-r", "4", "--lora-target-modules", " , "], "name no module"),
-        (["--lora-r", "4", "--fsdp"], "--lora-r with --fsdp is not supported"),
+        (["--lora-r", "4", "--fsdp", "--merge-lora"], "--merge-lora with --fsdp is not supported"),
         (["--task-train-size", "9900"], "at most 10000"),
         (["--data", "/"], "/: is a directory"),
         (["--device", "foo"], "--device foo: not a torch device"),
