@@ -320,13 +320,18 @@ def _decode_wave(model, prompts, budgets, generators, k, *, stop_token_ids, temp
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, queries: Sequence[str], *, batch_size: int, max_new_tokens: int) -> list[str]:
-    """The model's greedy continuation of each query, decoded (special tokens skipped), up to a stop token
-    (stop_token_ids) or max_new_tokens; batch_size queries decoded together."""
+def greedy_answers(
+    model, tokenizer, queries: Sequence, *, batch_size: int, max_new_tokens: int, chat_template: str | None = None
+) -> list[str]:
+    """The model's greedy continuation of each query (text, or chat messages rendered with the generation prompt
+    as rrhf_fast.data.encode_prompts does), decoded (special tokens skipped), up to a stop token (stop_token_ids)
+    or max_new_tokens; batch_size queries decoded together."""
+    from rrhf_fast.data import encode_prompts
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = generate_candidates(
-        model, encode_queries(tokenizer, queries), 1, max_new_tokens=max_new_tokens, temperature=0.0,
-        stop_token_ids=stop_token_ids(model, tokenizer), batch_size=batch_size, pad_token_id=pad,
+        model, encode_prompts(list(queries), tokenizer, chat_template), 1, max_new_tokens=max_new_tokens,
+        temperature=0.0, stop_token_ids=stop_token_ids(model, tokenizer), batch_size=batch_size, pad_token_id=pad,
     )  # fmt: skip
     return [tokenizer.decode(candidates[0], skip_special_tokens=True) for candidates in tokens]
 
