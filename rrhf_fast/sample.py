@@ -31,8 +31,9 @@ prompt, TRL's conversational listwise format for chat messages:
      "scores": [0.7, ...]}
 
 It is resumable: when --out exists, the queries it already holds are skipped and new lines are appended, each
-flushed as written, so a crash loses at most the lines of the wave in flight; the resumed run writes what an
-uninterrupted one would. Bad input exits with status 2 and one line on stderr naming the file and line.
+flushed as written, so a crash loses at most the lines of the window in flight (the queries are decoded 8 waves at
+a time, sorted by prompt length, so that a wave pads little); the resumed run writes what an uninterrupted one
+would. Bad input exits with status 2 and one line on stderr naming the file and line.
 """
 
 import argparse
