@@ -171,19 +171,31 @@ def main(argv=None) -> int:
                                           trust_remote_code=args.trust_remote_code)  # fmt: skip
             reward_name = f"--reward-model {args.reward_model}"
     todo = examples[done:]
+    sample_queries(args, todo, encode_queries(args, todo, model, tokenizer), done, model, tokenizer, reward, reward_name)
+    return 0
+
+
+def encode_queries(args, todo, model, tokenizer) -> list[list[int]]:
+    """The prompt ids of `todo` as training sees them (rrhf_fast.data.encode_prompts), each leaving the model room."""
     with bad_input(f"{args.queries}: "):
         prompt_ids = data.encode_prompts([ex.prompt for ex in todo], tokenizer)
     with bad_input():
         check_prompt_lengths(todo, prompt_ids, generation.max_positions(model), args.queries)
+    return prompt_ids
+
+
+def sample_queries(args, todo, prompt_ids, done: int, model, tokenizer, reward, reward_name: str) -> None:
+    """The command after loading and encoding: decode the candidates of `todo` (the queries after the `done` already
+    in --out; prompt_ids their tokens), score them and append their lines (benchmarks/bench_sample.py times this)."""
+    with bad_input():
         stops = generation.stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     candidates = generation.generate_candidates(
         model, prompt_ids, args.num_candidates, max_new_tokens=args.max_new_tokens, stop_token_ids=stops,
         temperature=args.temperature, top_p=args.top_p, diversity_penalty=args.diversity_penalty, seed=args.seed,
-        positions=range(done, len(examples)), batch_size=args.batch_size, pad_token_id=pad,
+        positions=range(done, done + len(todo)), batch_size=args.batch_size, pad_token_id=pad,
     )  # fmt: skip
-    write_samples(args, todo, candidates, tokenizer, reward, reward_name, done, len(examples))
-    return 0
+    write_samples(args, todo, candidates, tokenizer, reward, reward_name, done, done + len(todo))
 
 
 def write_samples(args, todo, candidates, tokenizer, reward, reward_name: str, done: int, total: int) -> None:
