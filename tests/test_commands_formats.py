@@ -88,7 +88,8 @@ def records_of(name: str) -> tuple[list[dict], tuple]:
 def test_evaluate_reads_every_format(chat_llama, model_and_tokenizer, tmp_path, name, kind):
     records, (prompt, responses, scores) = records_of(name)
     path, out, summary = write(tmp_path, records, kind), tmp_path / "scores.jsonl", tmp_path / "eval.json"
-    args = ["--model", chat_llama, "--data", path, "--out", str(out), "--json", str(summary), *FAST, *split_flag(kind)]
+    args = ["--model", chat_llama, "--data", path, "--out", str(out), "--json", str(summary), *FAST, *split_flag(kind),
+            "--reward", f"{__name__}:seen_reward", "--max-new-tokens", "2"]  # fmt: skip
     assert evaluate.cli(args) == 0
     want = [template_score(*model_and_tokenizer, prompt, r) for r in responses]
     for line in map(json.loads, out.read_text().splitlines()):
@@ -99,6 +100,7 @@ def test_evaluate_reads_every_format(chat_llama, model_and_tokenizer, tmp_path, 
     result = json.loads(summary.read_text())
     assert (result["queries"], result["candidates"], result["pairs"]) == (2, 2 * len(responses), 2 * pairs)
     assert result["rank_acc"] == (pytest.approx(correct / pairs) if pairs else None)
+    assert (result["reward"] >= 1000) == (not isinstance(prompt, str))  # the reward got the prompt as the file holds it
 
 
 def seen_reward(prompt, response):

@@ -115,8 +115,8 @@ def test_bad_data_line_names_file_and_line(tiny_llama, tmp_path, capsys):
 
 def test_softcapped_model_scores_with_its_own_logits(tmp_path, full_sequence_score):
     """A tiny Gemma-2 whose final logits are capped at 0.02 (0.02 tanh(z / 0.02), below its random logits): the
-    fused head (z itself) scores it wrongly, so evaluate and metrics.ranking_accuracy must take the probe's plan (the model's own logits) and
-    equal a plain forward over every candidate alone."""
+    fused head (z itself) scores it wrongly, so evaluate and metrics.ranking_accuracy must take the probe's plan
+    (the model's own logits) and equal a plain forward over every candidate alone."""
     from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
     from rrhf_fast import data, metrics
