@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "--model_name_or_path", required=True, help="local Hugging Face causal LM directory")
     p.add_argument("--data", "--data_path", required=True, help="preference data in any format train reads (RRHF JSONL, TRL, UltraFeedback, Nectar, ...)")
     p.add_argument("--data-split", "--data_split", default="train", help="split of a dataset directory or cached dataset (default train)")
-    p.add_argument("--chat-template", "--chat_template", help="file holding a Jinja chat template for chat-message prompts (default: the tokenizer's)")
+    p.add_argument("--chat-template", "--chat_template", help="file holding a Jinja chat template for chat-message prompts; unset: the tokenizer's")
     p.add_argument("--out", help="write the input lines with the model's per-candidate scores added (JSONL)")
     p.add_argument("--json", help="write the summary as one JSON object")
     p.add_argument(
@@ -101,8 +101,9 @@ def main(argv=None) -> int:
     }
     if reward_fn is not None:
         queries = [ex.query for ex in examples]
-        answers = greedy_answers(model, tokenizer, queries, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                 chat_template=template)  # fmt: skip
+        with bad_input(f"{args.data}: "):  # a prompt that leaves no position for the answer: its row named
+            answers = greedy_answers(model, tokenizer, queries, batch_size=args.batch_size,
+                                     max_new_tokens=args.max_new_tokens, chat_template=template)  # fmt: skip
         with bad_input():  # a reward that raises or returns a string, a bool or NaN: the query named
             summary["reward"] = mean_reward(reward_fn, queries, answers, name=f"--reward {args.reward}")
 
