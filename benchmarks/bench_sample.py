@@ -8,12 +8,15 @@ The same queries (random ordinary tokens, prompt lengths spread over each --prom
     generate   transformers model.generate(do_sample=True, num_return_sequences=k) on the same B left-padded
                prompts: it prefills the k copies of each and decodes finished rows until the whole batch ends
     loop       ours at batch_size 1: one query at a time, its k rows a step (the sampler before batching)
+    command    the `sample` command after loading (rrhf_fast.sample.sample_queries): ours, plus decoding the text,
+               a batched reward (a constant) and the JSON lines written to a file; its tokens are ours' (checked on
+               the text), so its tokens/s is ours' tokens over its time
 
 Tokens are counted up to each row's stop token; tokens/s is generated tokens over wall time. `ours` and `loop` must
 write the same tokens (a query's draws depend only on the seed and its position); the table counts the queries where
 they differ (float32 rounding can move a draw that lands on a boundary). The contenders take turns within each round (CPU load from other processes falls on all
 alike); times are medians over --repeats rounds after one warm-up round. The ratios `x generate` and `x loop` are
-ours' tokens/s over theirs, from the same run.
+ours' (and the command's) tokens/s over theirs, from the same run.
 
     python benchmarks/bench_sample.py                        # the embedded tiny model, batch 16, 1 thread
     python benchmarks/bench_sample.py --models tiny,smollm2-135m,~/.cache/rrhf_fast/smollm2-135m-instruct
@@ -23,9 +26,11 @@ Results: benchmarks/results/<date>-sample-cpu.md and .csv (sample-<gpu> on CUDA)
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +41,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from report import machine, write_table  # noqa: E402
-from rrhf_fast import generation  # noqa: E402
+from rrhf_fast import data, generation, sample  # noqa: E402
 
 
 # Random Llamas (the byte tokenizer of rrhf_fast.default_model for the prompts and the stop token).
@@ -144,7 +149,31 @@ def contenders(model, tokenizer, prompts, batch_size, args) -> dict:
             out += [rows[q * args.k : (q + 1) * args.k] for q in range(len(wave))]
         return out
 
-    return {"ours": ours, "generate": generate, "loop": loop}
+    out = os.path.join(tempfile.mkdtemp(prefix="bench_sample-"), "samples.jsonl")
+    flags = ["--model", "-", "--queries", "-", "--out", out, "--reward", "-", "-k", str(args.k), "--batch-size", str(batch_size),
+             "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature), "--top-p", str(args.top_p),
+             "--seed", str(args.seed)]  # fmt: skip
+    command_args = sample.build_parser().parse_args(flags)
+    examples = [data.Example(tokenizer.decode(p), [], [], None, i) for i, p in enumerate(prompts)]
+
+    def command():
+        if os.path.exists(out):
+            os.remove(out)  # else the command resumes: nothing left to do
+        sample.sample_queries(command_args, examples, prompts, 0, model, tokenizer, constant_reward, "the constant reward")
+        with open(out, encoding="utf-8") as f:
+            return [json.loads(line)["responses"] for line in f]
+
+    return {"ours": ours, "generate": generate, "loop": loop, "command": command}
+
+
+def constant_reward(prompts: list, responses: list) -> list:
+    """The command's reward in the benchmark: batched, and as cheap as a reward can be."""
+    return [0.0] * len(prompts)
+
+
+def decoded(tokenizer, out) -> list[list[str]]:
+    """[query][candidate] token ids as the text the command writes."""
+    return [tokenizer.batch_decode(cands, skip_special_tokens=True) for cands in out]
 
 
 def time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
@@ -160,19 +189,22 @@ def time_interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
 
 
 def measure(model, tokenizer, prompts, batch_size, args, where: dict) -> list[dict]:
-    """The table's three rows (ours, generate, loop) for one workload."""
+    """The table's four rows (ours, command, generate, loop) for one workload."""
     seconds, outputs = time_interleaved(contenders(model, tokenizer, prompts, batch_size, args), args.repeats)
     differ = sum(a != b for a, b in zip(outputs["ours"], outputs["loop"]))
+    if decoded(tokenizer, outputs["ours"]) != outputs["command"]:
+        raise RuntimeError("the sample command wrote other candidates than generation.sample_candidates")
+    outputs["command"] = outputs["ours"]  # the same tokens, as the check above says
     tokens = {c: sum(len(r) for q in out for r in q) for c, out in outputs.items()}
     speed = {c: tokens[c] / seconds[c] for c in outputs}
     rows = []
-    for contender in ("ours", "generate", "loop"):
+    for contender in ("ours", "command", "generate", "loop"):
         rows.append({
             **where, "queries": args.queries, "batch": 1 if contender == "loop" else batch_size, "k": args.k,
             "max new": args.max_new_tokens, "contender": contender, "seconds": seconds[contender],
             "tokens": tokens[contender], "tokens/s": speed[contender],
-            "x generate": speed["ours"] / speed["generate"] if contender == "ours" else "",
-            "x loop": speed["ours"] / speed["loop"] if contender == "ours" else "",
+            "x generate": speed[contender] / speed["generate"] if contender in ("ours", "command") else "",
+            "x loop": speed[contender] / speed["loop"] if contender in ("ours", "command") else "",
             "queries unlike loop": differ if contender == "ours" else "",
         })  # fmt: skip
         print(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()), flush=True)
@@ -208,7 +240,7 @@ def main(argv=None) -> Path:
         f"median of {args.repeats} rounds after 1 warm-up, contenders interleaved; OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average (1, 5, 15 min) {load_start} at the start, "
         + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " at the end. `tokens`: generated tokens up to each "
-        "row's stop token; `x generate`, `x loop`: ours' tokens/s over the contender's, same run; `queries unlike loop`: "
+        "row's stop token; `x generate`, `x loop`: ours' (or the command's) tokens/s over the contender's, same run; `queries unlike loop`: "
         "queries whose tokens from ours differ from the one-query loop's (0 when batching changes no draw). "
         + "".join(f"{line}. " for line in args.skipped)
     )  # fmt: skip

@@ -1,9 +1,14 @@
 """The model as a reward model: `python -m rrhf_fast.evaluate --model PATH --data FILE.jsonl`.
 
-Scores every candidate of an RRHF JSONL file by its length-normalised log-probability under the model (the
+Scores every candidate of a preference file (any format `train` reads: RRHF, TRL standard or conversational,
+pairwise, UltraFeedback, Nectar, on-policy; .jsonl / .json / .parquet / a save_to_disk directory) by its length-normalised log-probability under the model (the
 quantity RRHF ranks) and reports the pairwise ranking accuracy against the file's scores (the paper's
 Table 5: the fraction of pairs with r_i < r_j where p_i < p_j). With `--reward`, it also generates a greedy
-answer to every query and reports their mean reward.
+answer to every query (batched, rrhf_fast.generation) and reports their mean reward; a reward function gets the
+prompt as the file holds it (a string or the chat messages) and the answer text.
+
+The scores go through the path rrhf_fast.probe checks on the model at the first batch (the fused head, or the
+model's own logits where they differ, e.g. under a logit softcap), so they are the model's own on any model.
 
     python -m rrhf_fast.evaluate --model out/rrhf/final --data out/rrhf/data/eval.jsonl --reward task
     python -m rrhf_fast.evaluate --model PATH --data test.jsonl --out scores.jsonl --json eval.json
@@ -26,19 +31,21 @@ PROG = "rrhf_fast.evaluate"
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", "--model_name_or_path", required=True, help="local Hugging Face causal LM directory")
-    p.add_argument("--data", "--data_path", required=True, help="RRHF JSONL: {query, responses, scores} a line")
+    p.add_argument("--data", "--data_path", required=True, help="preference data in any format train reads (RRHF JSONL, TRL, UltraFeedback, Nectar, ...)")
+    p.add_argument("--data-split", "--data_split", default="train", help="split of a dataset directory or cached dataset (default train)")
+    p.add_argument("--chat-template", "--chat_template", help="file holding a Jinja chat template for chat-message prompts; unset: the tokenizer's")
     p.add_argument("--out", help="write the input lines with the model's per-candidate scores added (JSONL)")
     p.add_argument("--json", help="write the summary as one JSON object")
     p.add_argument(
         "--reward",
         help="score greedy generations too: 'task' (the built-in addition task) or 'module:function' "
-        "(called with query and response, returns a finite float)",
+        "(called with prompt and response, returns a finite float; or on lists)",
     )
     p.add_argument("--batch-size", type=number(int, 1), default=16, help="queries per forward pass (default 16)")
     p.add_argument("--length-penalty", type=number(float, 0), default=1.0, help="score = sum logp / L ** this (default 1)")
     p.add_argument("--model-max-length", type=number(int, 2), default=512, help="tokens per candidate, prompt + response (default 512); at most the model's positions")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=128, help="greedy answer length with --reward (default 128)")
-    p.add_argument("--prefix-mode", default="auto", choices=["auto", "packed", "kv-cache", "none"], help="prefix sharing")
+    p.add_argument("--prefix-mode", default="auto", choices=["auto", "packed", "kv-cache", "none", "per-candidate"], help="prefix sharing; checked on the model (default auto: the first exact one)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code shipped in --model")
     return p
@@ -49,12 +56,13 @@ def main(argv=None) -> int:
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
-    from rrhf_fast.data import tokenize
+    from rrhf_fast.data import read_chat_template, read_examples, tokenize
     from rrhf_fast.metrics import candidate_scores, greedy_answers, mean_reward, pair_accuracy
 
     with bad_input():
         device = loading.device(args.device)
-        examples = loading.read_data(args.data)
+        examples = read_examples(args.data, args.data_split)
+        template = read_chat_template(args.chat_template) if args.chat_template else None
         loading.check_output_file(args.out, "--out")
         loading.check_output_file(args.json, "--json")
         reward_fn = loading.reward_function(args.reward) if args.reward else None
@@ -64,7 +72,7 @@ def main(argv=None) -> int:
     with bad_input():
         model, tokenizer = loading.load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     with bad_input(f"{args.model}: "):
-        tokenized, cut = tokenize(examples, tokenizer, args.model_max_length)
+        tokenized, cut = tokenize(examples, tokenizer, args.model_max_length, chat_template=template)
     with bad_input():
         loading.check_encodes(examples, tokenized, tokenizer, args.model)
     if cut.prompts or cut.responses:
@@ -72,10 +80,11 @@ def main(argv=None) -> int:
     model.to(device)
 
     progress = lambda starts: tqdm(starts, desc="scoring", unit="batch", file=sys.stderr)  # noqa: E731
-    scores = candidate_scores(
-        model, tokenized, batch_size=args.batch_size, mode=args.prefix_mode, length_penalty=args.length_penalty,
-        pad_token_id=tokenizer.pad_token_id or 0, progress=progress,
-    )  # fmt: skip
+    with bad_input():  # an explicit --prefix-mode the probe finds inexact on this model: the mode that passes named
+        scores = candidate_scores(
+            model, tokenized, batch_size=args.batch_size, mode=args.prefix_mode, length_penalty=args.length_penalty,
+            pad_token_id=tokenizer.pad_token_id or 0, progress=progress,
+        )  # fmt: skip
     flat_scores = [s for group in scores for s in group]
     flat_rewards = [r for ex in tokenized for r in ex.rewards]
     bounds = [0]
@@ -92,14 +101,17 @@ def main(argv=None) -> int:
     }
     if reward_fn is not None:
         queries = [ex.query for ex in examples]
-        answers = greedy_answers(model, tokenizer, queries, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        with bad_input():  # a reward that returns a string, a bool or NaN
-            summary["reward"] = mean_reward(reward_fn, queries, answers)
+        with bad_input(f"{args.data}: "):  # a prompt that leaves no position for the answer: its row named
+            answers = greedy_answers(model, tokenizer, queries, batch_size=args.batch_size,
+                                     max_new_tokens=args.max_new_tokens, chat_template=template)  # fmt: skip
+        with bad_input():  # a reward that raises or returns a string, a bool or NaN: the query named
+            summary["reward"] = mean_reward(reward_fn, queries, answers, name=f"--reward {args.reward}")
 
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             for ex, group in zip(examples, scores):
-                line = {"query": ex.query, "responses": ex.responses, "scores": ex.scores, "model_scores": group}
+                line = {"prompt" if ex.conversational else "query": ex.prompt, "responses": ex.responses,
+                        "scores": ex.scores, "model_scores": group}  # fmt: skip
                 f.write(json.dumps(line) + "\n")
     if args.json:
         from rrhf_fast.checkpoint import save_json

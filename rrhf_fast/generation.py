@@ -1,6 +1,9 @@
 """Batched decoding from a causal LM: many queries at once, each prompt prefilled once, k candidates a query.
 
-A wave of up to `batch_size` queries is decoded together:
+A wave of up to `batch_size` queries is decoded together. The waves are formed within a window of `sort_window`
+waves' worth of queries sorted by prompt length, so that a wave pads its prompts to a length close to each one's
+(the tokens do not depend on the wave, so the order is free; results still come out in the queries' order, a
+window at a time):
 
     prefill   the wave's prompts, left-padded to the longest (attention mask 0 on the padding, position ids
               counting real tokens only, so every prompt sees the positions it would see alone); one forward,
@@ -186,15 +189,19 @@ def generate_candidates(
     positions: Sequence[int] | None = None,
     batch_size: int = 16,
     pad_token_id: int = 0,
+    sort_window: int = 8,
 ) -> Iterator[list[list[int]]]:
     """Yield, for each prompt in order, its k continuations (token ids, the stop token left out).
 
     prompts: token ids, one list a query. positions: each query's place in the queries file (default
     0, 1, ...), which seeds its generator (query_seed(seed, position)): pass range(done, n) when resuming after
-    `done` queries. The tokens of a query do not depend on batch_size or on the other prompts. A candidate
+    `done` queries. The tokens of a query do not depend on batch_size or on the other prompts. sort_window: waves
+    of queries sorted by prompt length together (1: waves in the queries' order). A candidate
     also ends where the model's positions run out (max_positions); a prompt that leaves no room is an error.
     """
     _check_options(k, max_new_tokens, temperature, top_p, diversity_penalty, batch_size, stop_token_ids)
+    if not (isinstance(sort_window, int) and sort_window >= 1):
+        raise ValueError(f"sort_window: got {sort_window!r}, expected an int >= 1")
     positions = list(range(len(prompts))) if positions is None else list(positions)
     if len(positions) != len(prompts):
         raise ValueError(f"positions: {len(positions)} given for {len(prompts)} prompts; give one a prompt")
@@ -212,18 +219,25 @@ def generate_candidates(
         stop_token_ids=stop_token_ids, temperature=temperature, top_p=top_p, diversity_penalty=diversity_penalty,
         pad_token_id=pad_token_id,
     )  # fmt: skip
-    return _waves(model, prompts, budgets, positions, k, seed, batch_size, options)  # checked now, decoded lazily
+    waves = _waves(model, prompts, budgets, positions, k, seed, batch_size, sort_window, options)
+    return waves  # checked now, decoded lazily
 
 
 @torch.no_grad()
-def _waves(model, prompts, budgets, positions, k, seed, batch_size, options):
+def _waves(model, prompts, budgets, positions, k, seed, batch_size, sort_window, options):
     was_training = model.training
     model.eval()
+    window = batch_size * sort_window
     try:
-        for start in range(0, len(prompts), batch_size):
-            wave = slice(start, start + batch_size)
-            generators = [torch.Generator().manual_seed(query_seed(seed, p)) for p in positions[wave]]
-            yield from _decode_wave(model, prompts[wave], budgets[wave], generators, k, **options)
+        for first in range(0, len(prompts), window):
+            order = sorted(range(first, min(first + window, len(prompts))), key=lambda i: len(prompts[i]))
+            decoded = {}
+            for start in range(0, len(order), batch_size):
+                wave = order[start : start + batch_size]
+                generators = [torch.Generator().manual_seed(query_seed(seed, positions[i])) for i in wave]
+                tokens = _decode_wave(model, [prompts[i] for i in wave], [budgets[i] for i in wave], generators, k, **options)
+                decoded.update(zip(wave, tokens))
+            yield from (decoded[i] for i in sorted(decoded))
     finally:
         model.train(was_training)
 
@@ -320,13 +334,18 @@ def _decode_wave(model, prompts, budgets, generators, k, *, stop_token_ids, temp
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, queries: Sequence[str], *, batch_size: int, max_new_tokens: int) -> list[str]:
-    """The model's greedy continuation of each query, decoded (special tokens skipped), up to a stop token
-    (stop_token_ids) or max_new_tokens; batch_size queries decoded together."""
+def greedy_answers(
+    model, tokenizer, queries: Sequence, *, batch_size: int, max_new_tokens: int, chat_template: str | None = None
+) -> list[str]:
+    """The model's greedy continuation of each query (text, or chat messages rendered with the generation prompt
+    as rrhf_fast.data.encode_prompts does), decoded (special tokens skipped), up to a stop token (stop_token_ids)
+    or max_new_tokens; batch_size queries decoded together."""
+    from rrhf_fast.data import encode_prompts
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = generate_candidates(
-        model, encode_queries(tokenizer, queries), 1, max_new_tokens=max_new_tokens, temperature=0.0,
-        stop_token_ids=stop_token_ids(model, tokenizer), batch_size=batch_size, pad_token_id=pad,
+        model, encode_prompts(list(queries), tokenizer, chat_template), 1, max_new_tokens=max_new_tokens,
+        temperature=0.0, stop_token_ids=stop_token_ids(model, tokenizer), batch_size=batch_size, pad_token_id=pad,
     )  # fmt: skip
     return [tokenizer.decode(candidates[0], skip_special_tokens=True) for candidates in tokens]
 

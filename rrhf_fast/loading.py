@@ -10,15 +10,14 @@ what to do; the commands turn those into one line on stderr and exit status 2, b
     embedded_model(seed, ...)             the embedded tiny Llama and its byte tokenizer
     check_max_length(config, n, path)     --model-max-length within the model's positions
     check_encodes(examples, tok, path)    a tokenizer that tells the responses apart
-    reward_function(spec)                 "task" or "module:function" -> f(query, response) -> float, checked
-    reward_model(path, ...)               a sequence-classification model -> f(queries, responses) -> floats
+    reward_function(spec)                 "task" or "module:function" -> f(prompt, response) -> float (or on lists)
+    reward_model(path, ...)               a sequence-classification model -> batched f(prompts, responses) -> floats
     read_data(path, split="train")        the examples of a data file or dataset split, any format
     check_writable(directory)             an output directory this process can write into
     check_output_file(path, flag)         an output file: not a directory, in a writable one
 """
 
 import importlib
-import math
 import os
 import sys
 import tempfile
@@ -159,21 +158,15 @@ def check_encodes(examples, tokenized, tokenizer, path: str) -> None:
 
 
 def reward_function(spec: str):
-    """'task' (the addition task's) or 'module:function' -> f(query, response) -> float.
+    """'task' (the addition task's) or 'module:function' -> the reward function, imported and checked to be callable.
 
-    The result is checked on every call: a value that is not a finite number raises ValueError naming the query."""
+    It is called as f(prompt, response) -> float, or on lists (rrhf_fast.generation.is_batched_reward); pass it to
+    generation.score_responses, which checks every value (a finite number) and names the query of a bad one."""
     if spec == "task":
         from rrhf_fast.task import reward as function
-    else:
-        function = _import_function(spec)
 
-    def checked(query: str, response: str) -> float:
-        value = function(query, response)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"--reward {spec}: returned {value!r} for query {query!r}; expected a finite float")
-        return float(value)
-
-    return checked
+        return function
+    return _import_function(spec)
 
 
 def _import_function(spec: str):
@@ -195,7 +188,8 @@ def _import_function(spec: str):
 
 
 def reward_model(path: str, *, on: torch.device, batch_size: int, trust_remote_code: bool = False):
-    """f(queries, responses) -> logit 0 of a sequence-classification model on "query + response", batched."""
+    """Batched f(prompts, responses) -> logit 0 of a sequence-classification model on each reward_text, batch_size
+    texts a forward."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -214,15 +208,28 @@ def reward_model(path: str, *, on: torch.device, batch_size: int, trust_remote_c
     model.to(on).eval()
 
     @torch.no_grad()
-    def score(queries: list[str], responses: list[str]) -> list[float]:
-        texts = [q + r for q, r in zip(queries, responses)]
+    def score(prompts: list, responses: list[str]) -> list[float]:
+        texts = [reward_text(tokenizer, p, r) for p, r in zip(prompts, responses)]
         out = []
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True).to(on)
             out += model(**enc).logits[:, 0].float().tolist()
         return out
 
+    score.batched = True  # generation.score_responses hands it a whole wave of prompts and responses
     return score
+
+
+def reward_text(tokenizer, prompt, response: str) -> str:
+    """What a reward model reads: prompt + response for a text prompt; for chat messages, the conversation with the
+    response as the assistant's turn, rendered by the reward model's chat template (its turns' contents, one a
+    line, when it has none)."""
+    if isinstance(prompt, str):
+        return prompt + response
+    conversation = list(prompt) + [{"role": "assistant", "content": response}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(conversation, tokenize=False)
+    return "\n".join(m["content"] for m in conversation)
 
 
 # ----------------------------------------------------------------------------------------------------------

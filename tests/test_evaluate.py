@@ -111,3 +111,48 @@ def test_bad_data_line_names_file_and_line(tiny_llama, tmp_path, capsys):
     path.write_text(json.dumps(RECORDS[0]) + "\n" + '{"query": "1+1=", "responses": ["2"]}\n')
     assert evaluate.cli(["--model", tiny_llama, "--data", str(path)]) == 2
     assert f"{path}:2:" in capsys.readouterr().err
+
+
+def test_softcapped_model_scores_with_its_own_logits(tmp_path, full_sequence_score):
+    """A tiny Gemma-2 whose final logits are capped at 0.02 (0.02 tanh(z / 0.02), below its random logits): the
+    fused head (z itself) scores it wrongly, so evaluate and metrics.ranking_accuracy must take the probe's plan
+    (the model's own logits) and equal a plain forward over every candidate alone."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    from rrhf_fast import data, metrics
+    from rrhf_fast.default_model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=3, final_logit_softcapping=0.02, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+        attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma2")
+    tokenizer.save_pretrained(tmp_path / "gemma2")
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    out, summary = tmp_path / "scores.jsonl", tmp_path / "eval.json"
+    argv = ["--model", str(tmp_path / "gemma2"), "--data", str(path), "--out", str(out), "--json", str(summary), "--batch-size", "2",
+            "--model-max-length", "64"]
+    with pytest.warns(UserWarning, match="final_logit_softcapping=0.02.*own logits are used"):  # said, once
+        assert evaluate.cli(argv) == 0
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gemma2").eval()
+    want = [[full_sequence_score(model, tokenizer, r["query"], c) for c in r["responses"]] for r in RECORDS]
+    got = [json.loads(line)["model_scores"] for line in out.read_text().splitlines()]
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-4, abs=1e-5)
+    model.config.final_logit_softcapping = None  # the logits the fused head computes: so the check above can fail
+    uncapped = [full_sequence_score(model, tokenizer, r["query"], c) for r in RECORDS for c in r["responses"]]
+    model.config.final_logit_softcapping = 0.02
+    assert max(abs(a - b) for a, b in zip(uncapped, [s for w in want for s in w])) > 0.1
+    pairs = [(w[i], w[j]) for r, w in zip(RECORDS, want) for i in range(len(w)) for j in range(len(w)) if r["scores"][i] < r["scores"][j]]
+    expected = sum(a < b for a, b in pairs) / len(pairs)
+    assert json.loads(summary.read_text())["rank_acc"] == pytest.approx(expected)
+    tokenized, _ = data.tokenize(data.read_examples(str(path)), tokenizer, 64)
+    with pytest.warns(UserWarning, match="own logits"):
+        accuracy = metrics.ranking_accuracy(model, tokenized, batch_size=2, mode="auto", loss_options={})
+    assert accuracy == pytest.approx(expected)

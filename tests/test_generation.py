@@ -66,6 +66,31 @@ def test_batch_size_order_and_resume_do_not_change_the_tokens(model, prompts, op
         assert QUERIES[1] == QUERIES[5] and by_size[8][1] != by_size[8][5]  # same text, other position
 
 
+def test_waves_are_formed_by_prompt_length_within_a_window(model, prompts, monkeypatch):
+    """sort_window 2 at batch 2: the first 4 queries (6, 4, 1, 5 tokens) are decoded as waves of (1, 4) and (5, 6)
+    tokens, the last 3 (24, 4, 4) as (4, 4) and (24,): the same tokens as waves in file order, in file order."""
+    in_order = decode(model, prompts, batch_size=2, sort_window=1, seed=3, temperature=1.0)
+    lengths, real = [], generation._decode_wave
+
+    def spy(model, wave_prompts, *args, **kwargs):
+        lengths.append([len(p) for p in wave_prompts])
+        return real(model, wave_prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "_decode_wave", spy)
+    assert decode(model, prompts, batch_size=2, sort_window=2, seed=3, temperature=1.0) == in_order
+    assert [len(p) for p in prompts] == [6, 4, 1, 5, 24, 4, 4]
+    assert lengths == [[1, 4], [5, 6], [4, 4], [24]]
+
+
+def test_diversity_penalty_spreads_greedy_candidates(model, prompts):
+    """The first candidate is plain greedy; a large penalty forces the k first tokens apart; a tiny one does not."""
+    greedy = decode(model, prompts[:2], k=1, temperature=0.0)
+    apart = decode(model, prompts[:2], k=4, diversity_penalty=1e6)
+    assert [cands[0] for cands in apart] == [g[0] for g in greedy]
+    assert all(len({c[0] if c else 257 for c in cands}) == 4 for cands in apart)
+    assert decode(model, prompts[:2], k=4, diversity_penalty=1e-9) == [g * 4 for g in greedy]
+
+
 def test_greedy_equals_generate_on_each_query_alone(model, prompts):
     out = decode(model, prompts, k=2, temperature=0.0, batch_size=8, max_new_tokens=9)
     for prompt, cands in zip(prompts, out):
@@ -105,8 +130,9 @@ def test_without_cache_ops_the_prompts_are_prefilled_k_times_and_rows_masked(mod
     assert decode(model, prompts, batch_size=8, seed=2, temperature=1.0) == expect
 
 
-def test_model_positions_bound_the_answer(model, tokenizer):
-    """The model has 64 positions: a 62-token prompt gets 2 new tokens at most; a 64-token one is refused."""
+def test_model_positions_bound_the_answer(model, tokenizer, monkeypatch):
+    """A model of 64 positions: a 62-token prompt gets 2 new tokens at most; a 64-token one is refused."""
+    monkeypatch.setattr(model.config, "max_position_embeddings", 64)
     near = [[65] * 62]
     assert [len(c) for c in decode(model, near, max_new_tokens=7, temperature=1.0)[0]] == [2, 2, 2]
     with pytest.raises(ValueError, match="query 3 has 64 tokens.*64 positions"):
@@ -124,6 +150,7 @@ def test_model_positions_bound_the_answer(model, tokenizer):
         (dict(diversity_penalty=float("nan")), "diversity_penalty"),
         (dict(stop_token_ids=[]), "stop_token_ids"),
         (dict(positions=[0]), "positions"),
+        (dict(sort_window=0), "sort_window"),
     ],
 )
 def test_bad_options(model, prompts, options, what):

@@ -1,5 +1,6 @@
-"""Tests of `python -m rrhf_fast.sample` on a tiny Llama: output format, determinism, the shared prompt cache,
-the reward function and reward-model paths, resume, and bad input.
+"""Tests of `python -m rrhf_fast.sample` on a tiny Llama: output format, determinism, samples independent of
+--batch-size and of a resume, the reward function (per item and batched) and reward-model paths, and bad input.
+The decoding itself is tested in tests/test_generation.py, the formats in tests/test_commands_formats.py.
 
 The real CLI runs in a subprocess once (exit status, progress on stderr, the file `rrhf_fast.train` reads);
 the rest call `sample.cli(argv)` in-process to keep the suite quick.
@@ -15,7 +16,7 @@ import torch
 
 from rrhf_fast import sample, task
 from rrhf_fast.data import read_jsonl
-from rrhf_fast.default_model import build_model, build_tokenizer
+from rrhf_fast.default_model import build_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUERIES = ["12+34=", "7+5=", "99+1="]
@@ -119,55 +120,57 @@ def test_resume_skips_written_queries(policy, queries, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sharing the prompt's cache
+# Batches and waves
 
 
-def test_shared_prompt_cache_gives_the_same_candidates():
-    tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=1, hidden_size=32, num_layers=2).eval()
-    prompt = tokenizer("23+48=").input_ids
-    eos = tokenizer.eos_token_id
-    greedy = sample.sample_candidates(model, prompt, 3, max_new_tokens=6, eos_token_id=eos, temperature=0)
-    with torch.no_grad():  # each candidate on its own, full prefill, by transformers' generate
-        alone = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)
-    assert greedy == [alone[0, len(prompt) :].tolist()] * 3
-
-    draws = {}
-    for share in (True, False):
-        generator = torch.Generator().manual_seed(5)
-        draws[share] = sample.sample_candidates(
-            model, prompt, 4, max_new_tokens=6, eos_token_id=eos, temperature=1.3, top_p=0.95, generator=generator,
-            share_prompt=share,
-        )  # fmt: skip
-    assert draws[True] == draws[False]
-    assert len({tuple(c) for c in draws[True]}) > 1  # really sampled
+MANY = ["12+34=", "7+5=", "x", "99+1=", "a longer query, 123+456=", "7+5=", "0+0="]  # odd lengths, a repeat
 
 
-def test_diversity_penalty_spreads_greedy_candidates():
-    """The first candidate is plain greedy; a large penalty forces the k first tokens apart; a tiny one does not."""
-    tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=1, hidden_size=32, num_layers=2).eval()
-    prompt, eos = tokenizer("23+48=").input_ids, tokenizer.eos_token_id
-    greedy = sample.sample_candidates(model, prompt, 1, max_new_tokens=6, eos_token_id=eos, temperature=0)
-    apart = sample.sample_candidates(model, prompt, 4, max_new_tokens=6, eos_token_id=eos, diversity_penalty=1e6)
-    assert apart[0] == greedy[0]
-    assert len({c[0] if c else eos for c in apart}) == 4
-    close = sample.sample_candidates(model, prompt, 4, max_new_tokens=6, eos_token_id=eos, diversity_penalty=1e-9)
-    assert close == greedy * 4
+@pytest.fixture()
+def many(tmp_path):
+    path = tmp_path / "many.txt"
+    path.write_text("\n".join(MANY) + "\n")
+    return str(path)
 
 
-def test_diverse_picks_by_hand():
-    """Row 0 takes the best token; row 1 pays 1.0 for it, which makes the runner-up (0.5 nats behind) win."""
-    logits = torch.log(torch.tensor([[0.6, 0.364, 0.036]])).expand(2, -1)
-    assert sample.pick_diverse_tokens(logits, torch.tensor([False, False]), 1.0).tolist() == [0, 1]
-    assert sample.pick_diverse_tokens(logits, torch.tensor([True, False]), 1.0).tolist() == [0, 0]  # a done row counts not
+def test_batch_size_and_resume_do_not_change_the_file(policy, many, tmp_path):
+    """--batch-size 1, 3 and 8 write the same bytes (float64: batch rounding is far below any draw's resolution),
+    and a run stopped after 4 queries (the first 4 lines kept) and resumed at another batch size writes them too."""
+    args = ["--model", policy, "--queries", many, "--reward", "task", "-k", "3", "--max-new-tokens", "5",
+            "--device", "cpu", "--dtype", "float64", "--temperature", "1.3", "--top-p", "0.9", "--seed", "2"]  # fmt: skip
+    files = {}
+    for size in (1, 3, 8):
+        files[size] = tmp_path / f"b{size}.jsonl"
+        assert run_inprocess([*args, "--batch-size", str(size), "--out", str(files[size])])[0] == 0
+    text = files[1].read_text()
+    assert files[3].read_text() == text == files[8].read_text()
+    rows = lines(files[1])
+    assert [r["query"] for r in rows] == MANY and rows[1] != rows[5]  # same text, own position, own draws
+    assert all(len(set(r["responses"])) > 1 for r in rows)  # really sampled
+    resumed = tmp_path / "resumed.jsonl"
+    resumed.write_text("".join(text.splitlines(keepends=True)[:4]))
+    assert run_inprocess([*args, "--batch-size", "2", "--out", str(resumed)])[0] == 0
+    assert resumed.read_text() == text
 
 
-def test_top_p_keeps_the_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, -1)
-    picked = sample.pick_tokens(logits, temperature=1.0, top_p=0.7, generator=torch.Generator().manual_seed(0))
-    assert set(picked.tolist()) == {0, 1}  # 0.5 < 0.7, so the second token is needed; 0.8 reaches it
-    assert sample.pick_tokens(logits[:1], temperature=0.0, top_p=1.0, generator=None).tolist() == [0]
+def test_batched_reward_gets_a_whole_wave(policy, many, tmp_path, monkeypatch):
+    """A reward with the list signature is called once a wave of --batch-size queries, k responses each."""
+    (tmp_path / "wave_reward.py").write_text(
+        "CALLS = []\n\n"
+        "def score(prompts: list, responses: list) -> list:\n"
+        "    CALLS.append(len(prompts))\n"
+        "    return [float(len(p) + len(r)) for p, r in zip(prompts, responses)]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI puts the current directory on it
+    args = ["--model", policy, "--queries", many, "--out", "o.jsonl", "--reward", "wave_reward:score", "--batch-size", "3", *FAST]
+    assert run_inprocess(args)[0] == 0
+    import wave_reward
+
+    assert wave_reward.CALLS == [9, 9, 3]  # 7 queries in waves of 3, k = 3
+    for row in lines(tmp_path / "o.jsonl"):
+        assert row["scores"] == [float(len(row["query"]) + len(r)) for r in row["responses"]]
+    sys.modules.pop("wave_reward")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,10 +181,10 @@ def test_top_p_keeps_the_nucleus():
     "content, where, what",
     [
         ('{"query": "1+1="}\n{"query": 3}\n', ":2:", "query must be a string"),
-        ('{"query": "1+1="}\n\n{"q": "x"}\n', ":3:", '"query" key'),
+        ('{"query": "1+1="}\n\n{"q": "x"}\n', ":3:", "missing key 'query'"),
         ('{"query": "1+1="\n', ":1:", "invalid JSON"),
         ('{"query": "1+1=", "responses": [1]}\n', ":1:", "list of strings"),
-        ("", "queries.jsonl:", "no queries"),
+        ("", "queries.jsonl:", "empty"),
     ],
 )
 def test_bad_queries_file(policy, tmp_path, capsys, content, where, what):
@@ -201,6 +204,9 @@ def test_bad_queries_file(policy, tmp_path, capsys, content, where, what):
         (["--reward", "task", "--reward-model", "x"], "exactly one"),
         (["--reward", "task", "--diversity-penalty", "-1"], "--diversity-penalty"),
         (["--reward", "task", "-k", "0"], "-k"),
+        (["--reward", "task", "--batch-size", "0"], "--batch-size"),
+        (["--reward", "task", "--dtype", "float16"], "--dtype"),
+        (["--reward", "task", "--chat-template", "absent.jinja"], "absent.jinja: no such file"),
         (["--reward", "task", "--queries", "missing.jsonl"], "no such file"),
         (["--reward", "task", "--model", "missing_dir"], "no such model directory"),
         (["--reward", "task", "--out", "/"], "--out /: is a directory"),
@@ -230,3 +236,27 @@ def test_reward_that_is_not_a_finite_number_exits_2(policy, queries, tmp_path, m
     last = err.strip().splitlines()[-1]  # after the progress bars
     assert rc == 2 and last.startswith("rrhf_fast.sample: error: --reward sample_bad_reward:bad: returned ")
     assert "finite float" in last and "Traceback" not in err
+
+
+def test_reward_that_raises_names_the_query(policy, queries, tmp_path, monkeypatch, capsys):
+    (tmp_path / "raising_reward.py").write_text(
+        "def score(prompts: list, responses: list) -> list:\n"
+        "    if '7+5=' in prompts:\n"
+        "        raise KeyError('no answer')\n"
+        "    return [0.0] * len(prompts)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI puts the current directory on it
+    rc, err = run_inprocess(["--model", policy, "--queries", queries, "--out", "o.jsonl", "--reward", "raising_reward:score", *FAST], capsys)
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and "Traceback" not in err
+    assert last == "rrhf_fast.sample: error: --reward raising_reward:score: raised KeyError: 'no answer' on query '7+5='"
+
+
+def test_prompt_past_the_models_positions_exits_2(policy, tmp_path, capsys):
+    """The tiny Llama has 1024 positions; a 1024-byte prompt (one token a byte) leaves none for the answer."""
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"query": "1+1="}) + "\n" + json.dumps({"query": "9" * 1024}) + "\n")
+    rc, err = run_inprocess(["--model", policy, "--queries", str(path), "--out", str(tmp_path / "o.jsonl"), "--reward", "task"], capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert f"{path}:2: the prompt has 1024 tokens, the model has 1024 positions" in err
