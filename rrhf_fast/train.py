@@ -100,9 +100,10 @@ def say(world, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def bf16_autocast(device, cfg: TrainConfig):
-    """--bf16 without --fsdp: bfloat16 autocast over the fp32 weights, without autocast's weight cache. (Under
-    --fsdp, FSDP2 itself gathers the units' weights in bf16: distributed.wrap's MixedPrecisionPolicy.)
+def bf16_autocast(device, enabled: bool):
+    """--bf16 without --fsdp (callers pass `cfg.bf16 and not cfg.fsdp`): bfloat16 autocast over the fp32 weights,
+    without autocast's weight cache. (Under --fsdp, FSDP2 itself gathers the units' weights in bf16:
+    distributed.wrap's MixedPrecisionPolicy.)
 
     The cache keeps the bf16 copy of every weight that needs a gradient until the autocast region ends, here the
     end of the forward. Without checkpointing the matmuls save those copies for their backward anyway; with it
@@ -110,7 +111,7 @@ def bf16_autocast(device, cfg: TrainConfig):
     model (16 GB for an 8B model; on the CPU, an 8-layer Llama of hidden 1024 under checkpointing kept 256 MiB,
     exactly its linear weights in bf16, until the region ended). Without it a weight is cast where it is used.
     """
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and not cfg.fsdp, cache_enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
 def peak_memory_mb(device) -> float:
@@ -297,7 +298,7 @@ def plan_prefix_mode(model, batch, cfg: TrainConfig, world, loss_options: dict):
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # probe.plan's own warning: said below as one line of this command's
-        with bad_input("--prefix-mode: "), bf16_autocast(world.device, cfg):
+        with bad_input("--prefix-mode: "), bf16_autocast(world.device, cfg.bf16 and not cfg.fsdp):
             plan = probe.plan(model, batch, cfg.prefix_mode, **loss_options)
     if plan.reason:
         head = "the fused LM head" if plan.head == "fused" else "the model's own logits"
@@ -366,7 +367,7 @@ def train_step(setup: Setup, state: LoopState, train_data: list) -> tuple[dict, 
         state.data_position += 1
         batch = micro_batch(train_data, indices, cfg, setup.pad_id, world.device)
         with distributed.gradient_sync(setup.train_module, world, sync=micro == cfg.grad_accum - 1):
-            with bf16_autocast(world.device, cfg):
+            with bf16_autocast(world.device, cfg.bf16 and not cfg.fsdp):
                 output = setup.train_module(batch)
             if not torch.isfinite(output.loss):
                 raise NonFiniteLoss(f"non-finite loss ({output.loss.item()}) at step {state.step + 1}", checkpoint.latest(cfg.output_dir))
@@ -397,7 +398,7 @@ def measure(setup: Setup, held_out: HeldOut) -> dict:
     from rrhf_fast.metrics import greedy_answers, mean_reward, ranking_accuracy
 
     cfg, model = setup.cfg, setup.model
-    with bf16_autocast(setup.world.device, cfg):
+    with bf16_autocast(setup.world.device, cfg.bf16 and not cfg.fsdp):
         result = {"rank_acc": ranking_accuracy(
             model, held_out.examples, batch_size=cfg.eval_batch_size, mode=cfg.prefix_mode,
             loss_options=setup.loss_options, max_tokens=cfg.row_tokens, pad_token_id=setup.pad_id,
