@@ -151,6 +151,10 @@ def pick_diverse_tokens(
 
 
 def _accepts(model, name: str) -> bool:
+    """Whether the model's forward names the argument; a peft PeftModel passes **kwargs on to the model it wraps,
+    whose signature is the one that counts."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     return name in inspect.signature(model.forward).parameters
 
 
