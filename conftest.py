@@ -2,6 +2,7 @@
 there is no GPU; the tiny model every command test trains, samples from or evaluates; the independent score."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -22,6 +23,22 @@ def tiny_llama(tmp_path_factory) -> str:
     build_model(tokenizer, seed=0, hidden_size=32, num_layers=1).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tiny_llama, tmp_path_factory):
+    """f(template) -> a copy of tiny_llama whose tokenizer has `template` as its chat template."""
+    from transformers import AutoTokenizer
+
+    def make(template: str) -> str:
+        directory = tmp_path_factory.mktemp("chat_llama")
+        shutil.copytree(tiny_llama, directory, dirs_exist_ok=True)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(directory)
+        return str(directory)
+
+    return make
 
 
 def _full_sequence_score(model, tokenizer, query: str, response: str) -> float:

@@ -4,7 +4,6 @@ sample's output read back by rrhf_fast.data.read_examples with the same prompts 
 prompt a reward function receives."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -17,16 +16,9 @@ FAST = ["--device", "cpu", "--batch-size", "2"]
 
 
 @pytest.fixture(scope="module")
-def chat_llama(tiny_llama, tmp_path_factory) -> str:
+def chat_llama(chat_model_dir) -> str:
     """The tiny Llama directory with TEMPLATE as its tokenizer's chat template (each turn closed by </s>)."""
-    from transformers import AutoTokenizer
-
-    directory = tmp_path_factory.mktemp("chat_llama")
-    shutil.copytree(tiny_llama, directory, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+    return chat_model_dir(TEMPLATE)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ the wrong way round, whose prompt is cut in the wrong place or whose responses a
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -83,16 +82,9 @@ FORMATS = {
 
 
 @pytest.fixture(scope="module")
-def chat_model(tiny_llama, tmp_path_factory) -> str:
+def chat_model(chat_model_dir) -> str:
     """A copy of the tiny_llama fixture whose tokenizer has TEMPLATE as its chat template."""
-    from transformers import AutoTokenizer
-
-    directory = tmp_path_factory.mktemp("chat_llama")
-    shutil.copytree(tiny_llama, directory, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+    return chat_model_dir(TEMPLATE)
 
 
 def write_jsonl(path, records):
