@@ -348,7 +348,9 @@ def packed_attention_mask(batch: PackedBatch, attn_implementation: str, dtype: t
 
 def _packed_mask_argument(model, batch: PackedBatch):
     """The attention_mask argument for the body: one mask, or a {layer type: mask} dict for models that mix full
-    and sliding-window layers (transformers takes such a dict as the prepared masks of each layer type)."""
+    and sliding-window layers (transformers takes such a dict as the prepared masks of each layer type, and looks
+    up every type the config lists: each that is not "sliding_attention" gets the full mask, and the probe judges
+    whether that is right for it)."""
     impl = _attn_implementation(model)
     dtype = model.get_input_embeddings().weight.dtype
     full = packed_attention_mask(batch, impl, dtype)
@@ -357,7 +359,10 @@ def _packed_mask_argument(model, batch: PackedBatch):
     if window is None or int(batch.position_ids.max()) < window:
         return full
     sliding = packed_attention_mask(batch, impl, dtype, window)
-    return {"full_attention": full, "sliding_attention": sliding} if mixed else sliding
+    if not mixed:
+        return sliding
+    kinds = set(model.config.layer_types) | {"full_attention"}
+    return {kind: sliding if kind == "sliding_attention" else full for kind in kinds}
 
 
 def _run(model, head: str, needed: torch.Tensor, **inputs):

@@ -173,9 +173,10 @@ def _probing(model):
             m.training = training
 
 
-# What a path that cannot run on a model raises from inside transformers; anything else (out of memory included)
-# is not a verdict on the path.
-_CANNOT_RUN = (ValueError, TypeError, AttributeError, RuntimeError, IndexError, NotImplementedError)
+# What a path that cannot run on a model raises from inside transformers (LookupError: an index or a key the
+# modeling code expects, e.g. a mask per layer type); anything else (out of memory included) is not a verdict on
+# the path.
+_CANNOT_RUN = (ValueError, TypeError, AttributeError, RuntimeError, LookupError, NotImplementedError)
 
 
 def _verdict(model, small, params, mode, head, loss_options, expected, names, tol) -> str | None:
