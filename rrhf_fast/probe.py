@@ -174,9 +174,9 @@ def _probing(model):
 
 
 # What a path that cannot run on a model raises from inside transformers (LookupError: an index or a key the
-# modeling code expects, e.g. a mask per layer type); anything else (out of memory included) is not a verdict on
-# the path.
-_CANNOT_RUN = (ValueError, TypeError, AttributeError, RuntimeError, LookupError, NotImplementedError)
+# modeling code expects, e.g. a mask per layer type; AssertionError: a shape check, e.g. XLM's 2-D-only mask);
+# anything else (out of memory included) is not a verdict on the path.
+_CANNOT_RUN = (ValueError, TypeError, AttributeError, RuntimeError, LookupError, AssertionError, NotImplementedError)
 
 
 def _verdict(model, small, params, mode, head, loss_options, expected, names, tol) -> str | None:
@@ -186,7 +186,7 @@ def _verdict(model, small, params, mode, head, loss_options, expected, names, to
     except torch.OutOfMemoryError:
         raise
     except _CANNOT_RUN as err:
-        return f"it failed with {type(err).__name__}: {err}"
+        return f"it failed with {type(err).__name__}" + (f": {err}" if str(err) else "")
 
 
 def run_probe(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> Plan:

@@ -70,6 +70,7 @@ OVERRIDES = {
     "mamba2": dict(num_heads=8),  # num_heads * head_dim must be expand * hidden_size
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),  # one global and one local layer
     "zaya": dict(num_experts_per_tok=1),
+    "xlm": dict(causal=True),  # XLM's default is a masked LM, whose tokens see the tokens after them
 }
 
 # Families not built, and why.
