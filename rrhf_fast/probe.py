@@ -207,13 +207,9 @@ def run_probe(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> 
         expected = _reference(model, small, params, loss_options)
         check = dict(loss_options=loss_options, expected=expected, names=names, tol=tol)
         head, reason = "fused", ""
-        try:
-            prefix.lm_head(model)
-            why = _verdict(model, small, params, "per-candidate", "fused", **check)
-        except ValueError as err:
-            why = str(err)
+        why = prefix.head_problem(model) or _verdict(model, small, params, "per-candidate", "fused", **check)
         if why is not None:
-            head, reason = "logits", f"the fused LM head is not the model's own ({why}), so its own logits are used"
+            head, reason = "logits", f"its LM head alone does not give its logits ({why})"
         failures = []
         for candidate in modes if mode == "auto" else [mode] + [m for m in modes if m != mode]:
             why = _verdict(model, small, params, candidate, head, **check)
