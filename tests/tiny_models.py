@@ -71,6 +71,11 @@ OVERRIDES = {
     "mamba2": dict(num_heads=8),  # num_heads * head_dim must be expand * hidden_size
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),  # one global and one local layer
     "zaya": dict(num_experts_per_tok=1),
+    # attention and MLP listed as separate blocks (each pair is one layer); input, recurrent and output layers add up
+    "dory": dict(
+        layer_types=["sliding_attention", "mlp", "full_attention", "mlp", "sliding_attention", "mlp"],
+        num_hidden_layers=6, n_input_layers=2, n_recurrent_layers=2, n_output_layers=2,
+    ),  # fmt: skip
     "xlm": dict(causal=True),  # XLM's default is a masked LM, whose tokens see the tokens after them
 }
 
@@ -110,6 +115,14 @@ def _one_layer_of_each_kind(default: dict, fields: set[str]) -> dict:
             keep.append(i)
     keep = keep if len(keep) >= 2 else list(range(min(2, length)))
     cut = {k: [v[i] for i in keep] for k, v in lists.items()}
+    overrides = default.get("per_layer_config")
+    if isinstance(overrides, dict):  # {layer index: its own sizes} (Gemma 4's global layers): re-indexed, shrunk
+        overrides = {int(i): settings for i, settings in overrides.items()}
+        cut["per_layer_config"] = {
+            j: {name: SHRINK.get(name, v) if isinstance(v, int) else v for name, v in overrides[i].items()}
+            for j, i in enumerate(keep)
+            if i in overrides
+        }
     for name in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
         if name in fields:
             cut[name] = len(keep)
