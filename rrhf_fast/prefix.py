@@ -108,32 +108,36 @@ def _returned_cache(out):
     return out.get("past_key_values") if cache is None else cache
 
 
-def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LM head's weight [V, D] and bias [V] (None without one), after checking logits = hidden @ W^T + b."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+def head_problem(model) -> str | None:
+    """Why the model's logits are not `hidden @ W^T + b` of its final hidden state by its config and head (a
+    softcap, a scale other than 1, a padded vocabulary cut off, an output head that is no torch.nn.Linear), as a
+    clause ("its logits use logits_soft_cap=30.0"), or None. The probe catches what this does not read."""
+    config = _text_config(model)
     for owner in (config, model):
         for name in _LOGIT_SOFTCAPS + _LOGIT_SCALES:
             value = getattr(owner, name, None)
             # Any softcap changes the logits; a scale does unless it is 1.
             if value is not None and (name in _LOGIT_SOFTCAPS or value != 1):
-                raise ValueError(
-                    f"{type(model).__name__} computes its logits with {name}={value}, not as a plain linear head of the "
-                    "final hidden state, so the fused head loss would be wrong. Compute logits = model(...).logits for "
-                    "the response tokens and use rrhf_fast.rrhf_loss_from_logits instead."
-                )
+                return f"its logits use {name}={value}"
     unpadded = getattr(config, "unpadded_vocab_size", None)
     if unpadded is not None and unpadded != config.vocab_size:
-        raise ValueError(
-            f"{type(model).__name__} keeps only the first unpadded_vocab_size={unpadded} of its {config.vocab_size} "
-            "logits, so the fused head loss would normalise over the padding too; compute logits = model(...).logits "
-            "for the response tokens and use rrhf_fast.rrhf_loss_from_logits instead"
-        )
+        return f"it keeps only the first unpadded_vocab_size={unpadded} of its {config.vocab_size} logits"
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
+        return f"its output embeddings are a {type(head).__name__}, not a torch.nn.Linear"
+    return None
+
+
+def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight [V, D] and bias [V] (None without one), after checking logits = hidden @ W^T + b
+    (head_problem); a ValueError naming the way out where they are not."""
+    problem = head_problem(model)
+    if problem is not None:
         raise ValueError(
-            f"{type(model).__name__}'s output embeddings are a {type(head).__name__}, not a torch.nn.Linear; compute the "
-            "logits with the model and use rrhf_fast.rrhf_loss_from_logits instead"
+            f"{type(model).__name__}: {problem}, so a fused head loss over its LM head's weight would be wrong. "
+            "Compute logits = model(...).logits for the response tokens and use rrhf_fast.rrhf_loss_from_logits instead."
         )
+    head = model.get_output_embeddings()
     return head.weight, head.bias
 
 
@@ -348,7 +352,9 @@ def packed_attention_mask(batch: PackedBatch, attn_implementation: str, dtype: t
 
 def _packed_mask_argument(model, batch: PackedBatch):
     """The attention_mask argument for the body: one mask, or a {layer type: mask} dict for models that mix full
-    and sliding-window layers (transformers takes such a dict as the prepared masks of each layer type)."""
+    and sliding-window layers (transformers takes such a dict as the prepared masks of each layer type, and looks
+    up every type the config lists: each that is not "sliding_attention" gets the full mask, and the probe judges
+    whether that is right for it)."""
     impl = _attn_implementation(model)
     dtype = model.get_input_embeddings().weight.dtype
     full = packed_attention_mask(batch, impl, dtype)
@@ -357,7 +363,10 @@ def _packed_mask_argument(model, batch: PackedBatch):
     if window is None or int(batch.position_ids.max()) < window:
         return full
     sliding = packed_attention_mask(batch, impl, dtype, window)
-    return {"full_attention": full, "sliding_attention": sliding} if mixed else sliding
+    if not mixed:
+        return sliding
+    kinds = set(model.config.layer_types) | {"full_attention"}
+    return {kind: sliding if kind == "sliding_attention" else full for kind in kinds}
 
 
 def _run(model, head: str, needed: torch.Tensor, **inputs):
@@ -424,16 +433,21 @@ def _index(rows: list[int], device) -> torch.Tensor:
 def _repeatable_cache(model, cache):
     """The cache, when it and each of its layers can pick and repeat rows (a key/value cache can; the states of
     transformers' recurrent and convolution layers cannot), else a ValueError naming the modes that work."""
-    layers = [cache] + list(getattr(cache, "layers", None) or [])
-    unable = [type(layer).__name__ for layer in layers if not all(
-        callable(getattr(layer, name, None)) for name in ("batch_select_indices", "batch_repeat_interleave")
-    )]  # fmt: skip
-    if unable:
-        raise ValueError(
-            f'mode="kv-cache" needs a cache that can be repeated over candidates; {type(model).__name__} returned a '
-            f'{type(cache).__name__} holding {unable[-1]}, which cannot be. Use mode="none" (or "per-candidate").'
-        )
-    return cache
+    if cache is None:
+        what = "no cache from its prompt forward"
+    else:
+        layers = [cache] + list(getattr(cache, "layers", None) or [])
+        unable = [type(layer).__name__ for layer in layers if not all(
+            callable(getattr(layer, name, None)) for name in ("batch_select_indices", "batch_repeat_interleave")
+        )]  # fmt: skip
+        if not unable:
+            return cache
+        inside = "" if unable[-1] == type(cache).__name__ else f" of {unable[-1]} layers"
+        what = f"a {type(cache).__name__}{inside}, which cannot be"
+    raise ValueError(
+        f'mode="kv-cache" needs a cache that can be repeated over candidates; {type(model).__name__} returned '
+        f'{what}. Use mode="none" (or "per-candidate").'
+    )
 
 
 def _forward_kv_cache(model, batch: PackedBatch, head: str) -> torch.Tensor:

@@ -173,9 +173,10 @@ def _probing(model):
             m.training = training
 
 
-# What a path that cannot run on a model raises from inside transformers; anything else (out of memory included)
-# is not a verdict on the path.
-_CANNOT_RUN = (ValueError, TypeError, AttributeError, RuntimeError, IndexError, NotImplementedError)
+# What a path that cannot run on a model raises from inside transformers (LookupError: an index or a key the
+# modeling code expects, e.g. a mask per layer type; AssertionError: a shape check, e.g. XLM's 2-D-only mask);
+# anything else (out of memory included) is not a verdict on the path.
+_CANNOT_RUN = (ValueError, TypeError, AttributeError, RuntimeError, LookupError, AssertionError, NotImplementedError)
 
 
 def _verdict(model, small, params, mode, head, loss_options, expected, names, tol) -> str | None:
@@ -185,7 +186,7 @@ def _verdict(model, small, params, mode, head, loss_options, expected, names, to
     except torch.OutOfMemoryError:
         raise
     except _CANNOT_RUN as err:
-        return f"it failed with {type(err).__name__}: {err}"
+        return f"it failed with {type(err).__name__}" + (f": {err}" if str(err) else "")
 
 
 def run_probe(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> Plan:
@@ -206,13 +207,9 @@ def run_probe(model, batch: PackedBatch, mode: str = "auto", **loss_options) -> 
         expected = _reference(model, small, params, loss_options)
         check = dict(loss_options=loss_options, expected=expected, names=names, tol=tol)
         head, reason = "fused", ""
-        try:
-            prefix.lm_head(model)
-            why = _verdict(model, small, params, "per-candidate", "fused", **check)
-        except ValueError as err:
-            why = str(err)
+        why = prefix.head_problem(model) or _verdict(model, small, params, "per-candidate", "fused", **check)
         if why is not None:
-            head, reason = "logits", f"the fused LM head is not the model's own ({why}), so its own logits are used"
+            head, reason = "logits", f"its LM head alone does not give its logits ({why})"
         failures = []
         for candidate in modes if mode == "auto" else [mode] + [m for m in modes if m != mode]:
             why = _verdict(model, small, params, candidate, head, **check)

@@ -291,3 +291,53 @@ def test_tolerance_follows_the_dtype():
     assert probe.tolerance(torch.float64) == 1e-6
     assert 5e-4 < probe.tolerance(torch.float32) < 1e-3
     assert 0.1 < probe.tolerance(torch.bfloat16) < 0.2
+
+
+def test_fallback_warning_says_in_one_clause_why_the_head_is_not_the_models_own():
+    """The warning names the softcap, and not lm_head's advice to call rrhf_loss_from_logits (the probe does that)."""
+    model, batch = gemma2_softcapped(), real_batch(7)
+    with pytest.warns(UserWarning, match=r"own logits: its LM head alone does not give its logits \(its logits use "
+                      r"final_logit_softcapping=0\.5\)") as caught:  # fmt: skip
+        probe.plan(model, batch, **LOSS_OPTIONS)
+    assert "rrhf_loss_from_logits" not in str(caught[0].message)
+
+
+@pytest.mark.parametrize("error", [KeyError("indexed_attention"), AssertionError()], ids=["KeyError", "AssertionError"])
+def test_a_path_that_raises_inside_the_model_is_a_verdict_not_a_crash(monkeypatch, error):
+    """A mode that raises a KeyError (Dots3Note looked up a mask for a layer type packed did not build) or a bare
+    AssertionError (XLM's 2-D mask check) from the modeling code is not exact: auto goes on to the next mode, and
+    the warning names the exception."""
+    from rrhf_fast import prefix
+
+    def raising(model, batch, head):
+        raise error
+
+    monkeypatch.setitem(prefix._FORWARDS, "kv-cache", raising)
+    model, batch = llama(), real_batch(8)
+    with pytest.warns(UserWarning, match=f'runs mode="packed".*kv-cache" is not exact: it failed with {type(error).__name__}'):
+        plan = probe.plan(model, batch, **LOSS_OPTIONS)
+    assert plan.mode == "packed"
+    assert_exact(through_model_loss(model, batch), reencoded(model, batch))
+
+
+def test_packed_mask_covers_every_listed_layer_type():
+    """A config mixing sliding layers with a third layer type gets a mask for each type it lists (transformers looks
+    each one up): the sliding one windowed, every other the full mask."""
+    from rrhf_fast import prefix
+
+    model, batch = llama(), real_batch(9)
+    model.config.sliding_window = 2
+    model.config.layer_types = ["sliding_attention", "indexed_attention"]
+    masks = prefix._packed_mask_argument(model, batch)
+    assert set(masks) == {"sliding_attention", "indexed_attention", "full_attention"}
+    full = prefix.packed_attention_mask(batch, "sdpa", torch.float64)
+    assert torch.equal(masks["indexed_attention"], full) and torch.equal(masks["full_attention"], full)
+    assert torch.equal(masks["sliding_attention"], prefix.packed_attention_mask(batch, "sdpa", torch.float64, 2))
+    assert not torch.equal(masks["sliding_attention"], full)
+
+
+def test_kv_cache_refusal_for_a_forward_that_returns_no_cache():
+    from rrhf_fast import prefix
+
+    with pytest.raises(ValueError, match=r'LlamaForCausalLM returned no cache from its prompt forward\. Use mode="none"'):
+        prefix._repeatable_cache(llama(), None)

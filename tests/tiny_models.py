@@ -42,9 +42,10 @@ _SIZES = {
     "multi_query_group_num num_query_groups linear_num_key_heads index_n_heads num_experts_per_tok moe_topk "
     "num_experts_per_token top_k moe_k",
     4: "num_attention_heads n_head num_heads n_heads num_experts n_routed_experts num_local_experts moe_num_experts "
-    "mamba_n_heads n_mamba_heads linear_num_value_heads qk_rope_head_dim time_step_rank mamba_dt_rank rotary_dim",
+    "mamba_n_heads n_mamba_heads linear_num_value_heads linear_num_heads qk_rope_head_dim time_step_rank mamba_dt_rank "
+    "rotary_dim",
     8: "head_dim attention_head_dim kv_channels d_head qk_nope_head_dim v_head_dim linear_key_head_dim "
-    "linear_value_head_dim index_head_dim state_size mamba_d_state ssm_state_size",
+    "linear_value_head_dim linear_head_dim index_head_dim state_size mamba_d_state ssm_state_size",
     16: "moe_intermediate_size shared_expert_intermediate_size expert_intermediate_size kv_lora_rank q_lora_rank "
     "mamba_d_head mamba_headdim",
     12: "qk_head_dim",
@@ -70,7 +71,18 @@ OVERRIDES = {
     "mamba2": dict(num_heads=8),  # num_heads * head_dim must be expand * hidden_size
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),  # one global and one local layer
     "zaya": dict(num_experts_per_tok=1),
+    # attention and MLP listed as separate blocks (each pair is one layer); input, recurrent and output layers add up
+    "dory": dict(
+        layer_types=["sliding_attention", "mlp", "full_attention", "mlp", "sliding_attention", "mlp"],
+        num_hidden_layers=6, n_input_layers=2, n_recurrent_layers=2, n_output_layers=2,
+    ),  # fmt: skip
+    "xlm": dict(causal=True),  # XLM's default is a masked LM, whose tokens see the tokens after them
 }
+
+# Modules whose training-mode forward draws random numbers, by class name: PhiMoE's router samples its experts
+# (Gumbel noise) and a Heun mask in training mode whatever its jitter settings are. Two draws differ, so, like
+# dropout, they are kept in eval mode when the model trains (the probe itself runs in eval mode).
+RANDOM_IN_TRAINING = ("PhimoeSparseMoeBlock",)
 
 # Families not built, and why.
 SKIPPED = {}
@@ -103,6 +115,14 @@ def _one_layer_of_each_kind(default: dict, fields: set[str]) -> dict:
             keep.append(i)
     keep = keep if len(keep) >= 2 else list(range(min(2, length)))
     cut = {k: [v[i] for i in keep] for k, v in lists.items()}
+    overrides = default.get("per_layer_config")
+    if isinstance(overrides, dict):  # {layer index: its own sizes} (Gemma 4's global layers): re-indexed, shrunk
+        overrides = {int(i): settings for i, settings in overrides.items()}
+        cut["per_layer_config"] = {
+            j: {name: SHRINK.get(name, v) if isinstance(v, int) else v for name, v in overrides[i].items()}
+            for j, i in enumerate(keep)
+            if i in overrides
+        }
     for name in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
         if name in fields:
             cut[name] = len(keep)
@@ -251,12 +271,16 @@ def names_a_way_out(message: str) -> bool:
 
 
 def enable_checkpointing(model) -> None:
-    """Gradient checkpointing on, in training mode; ValueError where the family does not support it."""
+    """Gradient checkpointing on, in training mode (but the modules of RANDOM_IN_TRAINING); NotImplementedError where
+    the family does not support it."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise NotImplementedError(f"{type(model).__name__} does not support gradient checkpointing")
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable({"use_reentrant": False})
     model.train()
+    for module in model.modules():
+        if type(module).__name__ in RANDOM_IN_TRAINING:
+            module.eval()
 
 
 def check_mode(model, mode: str, groups, expected=None) -> tuple[str, str]:
