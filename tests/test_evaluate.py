@@ -137,7 +137,7 @@ def test_softcapped_model_scores_with_its_own_logits(tmp_path, full_sequence_sco
     out, summary = tmp_path / "scores.jsonl", tmp_path / "eval.json"
     argv = ["--model", str(tmp_path / "gemma2"), "--data", str(path), "--out", str(out), "--json", str(summary), "--batch-size", "2",
             "--model-max-length", "64"]
-    with pytest.warns(UserWarning, match="final_logit_softcapping=0.02.*own logits are used"):  # said, once
+    with pytest.warns(UserWarning, match="with the model.s own logits: .*final_logit_softcapping=0.02"):  # said, once
         assert evaluate.cli(argv) == 0
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gemma2").eval()
