@@ -1,9 +1,9 @@
 """The paper's iterated RRHF on SmolLM2-135M-Instruct, on CPU, driving the three commands as a user would.
 
 The task: chat prompts that end with "Answer in at most N words." (N = 4 to 10), rewarded by
-examples/brevity_reward.py (1 within the limit, N / words above it). The model is a chatty 135M instruct model;
-RRHF on its own
-samples (64 steps of 2 queries an iteration at the defaults) is to make its greedy answers shorter. Each iteration:
+examples/brevity_reward.py (1 within the limit, N / words above it). The model is a chatty 135M instruct model
+(its samples earn 0.2 to 1); RRHF on its own samples (64 steps of 2 queries an iteration at the defaults) is to
+make its greedy answers shorter. Each iteration:
 
     sample     k candidates for every training prompt from the current policy, scored by the reward
                (python -m rrhf_fast.sample ... -k 4 --reward examples.brevity_reward:reward)
