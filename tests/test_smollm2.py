@@ -2,7 +2,8 @@
 
 Run where examples/prepare_smollm2.py has prepared it (or RRHF_FAST_SMOLLM2_DIR names it), skipped elsewhere:
 one training step through the trainer on a conversational file, rrhf_fast.sequence_scores on prefix_forward's
-hidden states against the model's own logits on chat-rendered candidates, and the probe's plan for it.
+hidden states against the model's own logits on chat-rendered candidates, and the probe's plan for it. The
+example's reward and prompts (examples/) need no model and always run.
 """
 
 import json
@@ -14,8 +15,6 @@ from test_formats import SMOLLM2_DIR, smollm2
 
 from rrhf_fast import pack_batch, prefix_forward, sequence_scores
 from rrhf_fast.data import read_examples, tokenize
-
-pytestmark = smollm2
 
 SYSTEM = {"role": "system", "content": "Answer in one word."}
 # Two queries, k = 3 and 2, answers of different lengths (one a single word: a short candidate).
@@ -64,6 +63,7 @@ def chat_batch(tokenizer, path):
     return examples, batch
 
 
+@smollm2
 def test_one_training_step_changes_the_weights(tmp_path, chat_file):
     """The trainer on SmolLM2 with a conversational file: exit 0, and final/ holds weights that moved."""
     from rrhf_fast import train
@@ -84,6 +84,7 @@ def test_one_training_step_changes_the_weights(tmp_path, chat_file):
     assert summary, "summary.json is empty"
 
 
+@smollm2
 def test_sequence_scores_equal_the_models_own_logits(smollm2_model, chat_file):
     """Fused head on prefix_forward's hidden states (auto mode) against the mean log-probability of each
     chat-rendered candidate from model(prompt + candidate).logits alone, in float64 from the fp32 logits."""
@@ -106,6 +107,7 @@ def test_sequence_scores_equal_the_models_own_logits(smollm2_model, chat_file):
     assert expected.unique().numel() == 5
 
 
+@smollm2
 def test_probe_plans_the_fused_head(smollm2_model, chat_file):
     """SmolLM2 is a plain Llama with a tied linear head and full attention: the probe keeps the fused head and the
     mode that resolve_mode picks first; the plan is cached for the next call."""
@@ -119,3 +121,19 @@ def test_probe_plans_the_fused_head(smollm2_model, chat_file):
     assert plan.mode == resolve_mode(model, "auto")
     assert plan.mode in ("kv-cache", "packed")
     assert probe.plan(model, batch) is plan
+
+
+def test_brevity_reward_and_prompts():
+    """The example's reward reads the limit from the prompt (text or the last user message): 1 for 1..N words,
+    N / words above (4 / 8 = 0.5), 0 for nothing; its prompts are disjoint and each carries a limit."""
+    from examples.brevity_reward import reward, word_limit
+    from examples.iterated_rrhf_smollm2 import make_questions
+
+    chat = [{"role": "system", "content": "at most 99 words"}, {"role": "user", "content": "Sky? Answer in at most 4 words."}]
+    assert word_limit(chat) == 4 and word_limit("no limit here") == 8
+    assert reward(chat, "It is blue today") == 1.0
+    assert reward(chat, "one two three four five six seven eight") == 0.5
+    assert reward(chat, "  \n") == 0.0
+    train, held_out = make_questions(30, 7, seed=0)
+    assert len(train) == 30 and len(held_out) == 7 and not set(train) & set(held_out)
+    assert all(2 <= word_limit(q) <= 10 and q.endswith("words.") for q in train + held_out)
