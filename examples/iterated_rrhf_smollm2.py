@@ -20,8 +20,9 @@ keep the messages, and train and evaluate render them with the model's chat temp
     python examples/iterated_rrhf_smollm2.py                # both iterations, the wall time of each stage
     python examples/iterated_rrhf_smollm2.py --train-prompts 64 --iterations 1     # a quicker look
 
-Run from the repository root (the reward is imported as examples.brevity_reward). Everything goes under
---work-dir; summary.json there holds every figure printed.
+The commands run in --work-dir with this repository on PYTHONPATH (after any PYTHONPATH given), so the reward
+imports as examples.brevity_reward from anywhere. Everything goes under --work-dir; summary.json there holds
+every figure printed.
 """
 
 import argparse
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.environ.get("RRHF_FAST_SMOLLM2_DIR") or os.path.join(
     os.path.expanduser("~"), ".cache", "rrhf_fast", "smollm2-135m-instruct"
 )
@@ -102,8 +103,11 @@ class Stages:
     def run(self, name: str, module: str, *flags: str) -> float:
         command = [sys.executable, "-m", f"rrhf_fast.{module}", *flags]
         print(f"\n== {name}\n$ python -m rrhf_fast.{module} {' '.join(flags)}", flush=True)
+        # The commands run in --work-dir, so that the rrhf_fast they import is the one PYTHONPATH or the installed
+        # package names, not a copy in the caller's directory; this repository comes last, for examples.*.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), REPO])))
         start = time.time()
-        result = subprocess.run(command)
+        result = subprocess.run(command, cwd=self.args.work_dir, env=env)
         seconds = time.time() - start
         if result.returncode != 0:
             sys.exit(f"iterated_rrhf_smollm2.py: error: {name} exited {result.returncode}")
@@ -140,6 +144,7 @@ def main(argv=None):
     args = parse_args(argv)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         sys.exit(f"iterated_rrhf_smollm2.py: error: --model {args.model}: no model there; run examples/prepare_smollm2.py")
+    args.work_dir, args.model = os.path.abspath(args.work_dir), os.path.abspath(args.model)
     os.makedirs(args.work_dir, exist_ok=True)
     work = lambda name: os.path.join(args.work_dir, name)  # noqa: E731
     train_q, eval_q = make_questions(args.train_prompts, args.eval_prompts, args.seed)
