@@ -34,6 +34,11 @@ versions, the command and the load average.
     python benchmarks/bench_step.py --threads 2                         # small Llama on CPU, default sweep
     python benchmarks/bench_step.py --device cuda --dtype bfloat16 --preset llama-1b
     python benchmarks/bench_step.py --prompt-lens 512 --response-lens 128 --ks 4 --variants original,ours-kv-cache
+    python benchmarks/bench_step.py --model ~/.cache/rrhf_fast/smollm2-135m-instruct --label smollm2 --threads 1 \
+        --prompt-lens 96 --response-lens 24 --ks 4 --groups 1 --variants original,reencode-fused,ours-kv-cache
+
+--model DIR times a pretrained Hugging Face model (its real vocabulary, depth and weights) instead of a Llama built
+from a preset; the token ids are still random, and the table is named step-<label>-<device>.
 """
 
 import argparse
@@ -53,7 +58,7 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from report import machine, median_seconds, peak_extra_bytes, write_table  # noqa: E402
 from rrhf_fast import model_loss, pack_batch, prefix_forward, reference  # noqa: E402
@@ -80,6 +85,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="model shape (default: llama-small on CPU, llama-1b on CUDA); the flags below override it")
+    parser.add_argument("--model", default=None,
+                        help="a pretrained Hugging Face model directory to time instead of a preset Llama")
+    parser.add_argument("--label", default=None,
+                        help="name of the model in the results file, step-<label>-<device> (default: the directory's name)")
     parser.add_argument("--hidden", type=int, help="Llama hidden size (overrides the preset)")
     parser.add_argument("--layers", type=int, help="Llama layers (overrides the preset)")
     parser.add_argument("--heads", type=int, help="attention heads (overrides the preset)")
@@ -106,10 +115,13 @@ def parse_args(argv=None):
     parser.add_argument("--no-write", action="store_true", help="print the table only; write no files")
     args = parser.parse_args(argv)
     device = torch.device(args.device).type
-    args.preset = args.preset or ("llama-1b" if device == "cuda" else "llama-small")
-    for name, value in PRESETS[args.preset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    if args.model is not None:
+        _read_model_shape(args, parser)
+    else:
+        args.preset = args.preset or ("llama-1b" if device == "cuda" else "llama-small")
+        for name, value in PRESETS[args.preset].items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     for name, value in DEFAULT_SWEEP[device].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -118,6 +130,23 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     return args
+
+
+def _read_model_shape(args, parser):
+    """Fill the shape fields from --model's config.json (for the table and the token range), or exit 2."""
+    from transformers import AutoConfig
+
+    directory = os.path.expanduser(args.model)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        parser.error(f"--model {args.model}: no config.json there; give a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(directory)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    args.model = directory
+    args.label = args.label or os.path.basename(os.path.normpath(directory))
+    args.hidden, args.layers, args.vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    args.heads = config.num_attention_heads
+    args.kv_heads = getattr(config, "num_key_value_heads", None) or args.heads
+    args.intermediate = getattr(config, "intermediate_size", None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,6 +184,9 @@ def sweep_points(args) -> list[Point]:
 
 def build_model(args, device, dtype) -> LlamaForCausalLM:
     torch.manual_seed(args.seed)
+    if args.model is not None:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
+        return model.to(device).train()
     config = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -336,6 +368,13 @@ def _load() -> str:
 
 
 def describe(args) -> str:
+    if args.model is not None:
+        return (
+            f"{args.label} ({args.model}): hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} "
+            f"kv), intermediate {args.intermediate}, vocab {args.vocab}, attn {args.attn}, {args.dtype}, pretrained "
+            f"weights, random token ids; {args.groups} groups per batch; AdamW; median of {args.repeats} steps after "
+            f"{args.warmup} warm-up"
+        )
     return (
         f"Llama ({args.preset} preset) hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv), intermediate "
         f"{args.intermediate}, vocab {args.vocab}, attn {args.attn}, {args.dtype}; {args.groups} groups per batch; "
@@ -351,7 +390,8 @@ def main(argv=None):
     if args.no_write:
         return
     device = torch.device(args.device).type
-    name = "step-cpu" if device == "cpu" else "step-" + torch.cuda.get_device_name().lower().replace(" ", "-")
+    where = "cpu" if device == "cpu" else torch.cuda.get_device_name().lower().replace(" ", "-")
+    name = "step-" + (f"{args.label}-" if args.model is not None else "") + where
     command = " ".join(["python benchmarks/bench_step.py", *(sys.argv[1:] if argv is None else argv)])
     notes = (
         f"Command: `{command}`. " + describe(args) + f"; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average (1, 5, 15 min) {load_start} at the start, {_load()} at the end" + ". `speedup`: step time of `original` over the variant's, same run. `ideal` = k(P+R)/(P+kR), "

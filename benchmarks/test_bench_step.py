@@ -11,6 +11,8 @@ to keep it from rotting. To time it:
     python -m pytest benchmarks/test_bench_step.py --benchmark-enable
 """
 
+import os
+
 import pytest
 import torch
 
@@ -56,3 +58,29 @@ def test_step(benchmark, setup, which):
     loss = benchmark(step)
     assert torch.isfinite(loss)
     assert not torch.equal(model.lm_head.weight, before), "the optimizer step changed no weight"
+
+
+def test_model_directory(tiny_llama):
+    """--model DIR: the shape comes from the directory's config, the weights are the pretrained ones (not a
+    fresh init), and ours matches original on them."""
+    from transformers import AutoModelForCausalLM
+
+    args = bench_step.parse_args(["--model", tiny_llama, "--prompt-lens", "9", "--response-lens", "1,4", "--ks", "2"])
+    saved = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert (args.vocab, args.hidden, args.layers) == (saved.config.vocab_size, 32, 1)
+    assert args.label == os.path.basename(tiny_llama) and "pretrained weights" in bench_step.describe(args)
+    model = bench_step.build_model(args, "cpu", torch.float32)
+    assert model.training
+    torch.testing.assert_close(model.lm_head.weight, saved.lm_head.weight, atol=0, rtol=0)
+    for i, point in enumerate(bench_step.sweep_points(args)):
+        work = bench_step.build_workload(point, args.vocab, "cpu", args.seed + i)
+        # check_losses raises when a variant's loss is more than 1e-4 (relative) from original's.
+        losses = bench_step.check_losses(model, work, list(bench_step.VARIANTS), torch.float32)
+        assert losses["original"] > 0
+
+
+def test_model_directory_without_config(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_step.parse_args(["--model", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--model {tmp_path}: no config.json" in capsys.readouterr().err
