@@ -153,24 +153,27 @@ def test_rank_kernels_compose_with_reference_autograd(alpha, margin, sft_reducti
     _check_composed(LENGTHS, GROUPS, REWARDS, alpha, margin, sft_reduction, cu_dtype)
 
 
-def _check_composed(lengths, groups, rewards, alpha, margin, sft_reduction, cu_dtype, max_group_size=None):
-    """logprob_fwd -> rank_fwd -> rank_bwd -> logprob_bwd against autograd of reference.rrhf_loss_from_logits,
-    with random weights and random upstream gradients on loss, rank_loss, sft_loss and scores."""
+def _check_composed(lengths, groups, rewards, alpha, margin, sft_reduction, cu_dtype, max_group_size=None, *,
+                    vocab=29, dtype=torch.float64, dlogits_tols=(1e-5, 1e-5), grad_scores=True):
+    """logprob_fwd -> rank_fwd -> rank_bwd -> logprob_bwd on [N, vocab] logits in `dtype` against autograd of
+    reference.rrhf_loss_from_logits on the same (rounded) logits in float64, with random weights and random upstream
+    gradients on loss, rank_loss, sft_loss and (unless grad_scores is False: rank_bwd then gets None) scores."""
     cu_seqlens, rewards, cu_groups = _batch(lengths, groups, rewards)
     n_tok, G = int(cu_seqlens[-1]), len(groups)
-    logits = torch.randn(n_tok, 29, dtype=torch.float64, device=DEVICE) * 2
-    targets = torch.randint(0, 29, (n_tok,), device=DEVICE)
+    logits = (torch.randn(n_tok, vocab, dtype=torch.float64, device=DEVICE) * 2).to(dtype)
+    targets = torch.randint(0, vocab, (n_tok,), device=DEVICE)
     rank_weight, sft_weight = torch.rand(2).tolist()
     grad_loss, grad_rank, grad_sft = torch.randn(3).tolist()
-    grad_scores = torch.randn(len(lengths), device=DEVICE)
+    grad_scores = torch.randn(len(lengths), device=DEVICE) if grad_scores else None
 
-    logits64 = logits.clone().requires_grad_()
+    logits64 = logits.detach().to(torch.float64, copy=True).requires_grad_()
     ref = reference.rrhf_loss_from_logits(
         logits64, targets, cu_seqlens, rewards, cu_groups, length_penalty=alpha, rank_weight=rank_weight,
         sft_weight=sft_weight, margin=margin, sft_reduction=sft_reduction)
+    scores_upstream = torch.zeros(len(lengths), device=DEVICE) if grad_scores is None else grad_scores
     torch.autograd.backward([ref.loss, ref.rank_loss, ref.sft_loss, ref.scores],
                             [torch.tensor(grad_loss, dtype=torch.float64), torch.tensor(grad_rank, dtype=torch.float64),
-                             torch.tensor(grad_sft, dtype=torch.float64), grad_scores.double()])
+                             torch.tensor(grad_sft, dtype=torch.float64), scores_upstream.double()])
 
     cu_seqlens, cu_groups = cu_seqlens.to(cu_dtype), cu_groups.to(cu_dtype)
     logp, lse = logprob_fwd(logits, targets)
@@ -186,8 +189,9 @@ def _check_composed(lengths, groups, rewards, alpha, margin, sft_reduction, cu_d
     grad_logp = rank_bwd(cu_seqlens, cu_groups, coef, best, grad_scores, rank_scale, sft_scale, alpha, sft_reduction,
                          max_group_size=max_group_size)
     assert grad_logp.dtype == torch.float32 and grad_logp.shape == (n_tok,)
-    dlogits = logprob_bwd(logits, targets, lse, grad_logp.double())
-    _close(dlogits, logits64.grad, 1e-5, 1e-5)
+    dlogits = logprob_bwd(logits, targets, lse, grad_logp.to(lse.dtype))
+    assert dlogits.dtype == dtype
+    _close(dlogits, logits64.grad, *dlogits_tols)
 
 
 def test_rank_golden_values_by_hand():
@@ -241,6 +245,58 @@ def test_rank_large_group_spans_candidate_blocks():
         assert out[4].tolist() == expected[4].tolist()
     # and the gradients, through the reference's autograd (tie-heavy rewards, every candidate block)
     _check_composed(lengths, [37, 1], rewards.tolist(), 0.5, 0.1, "mean", torch.int64)
+
+
+# ------------------------------------------------------------------------------------- the trainer's shapes
+
+# What the trainer launches the kernels with: groups of k = 2, 4, 8 or 16 candidates (on a GPU the rank kernels'
+# tile is min(32, next_pow2(k)) candidates by 4096 / that many tokens: 2 x 1024 up to 16 x 256), the LM head's
+# logits buffer in bf16 (a bf16 model, or autocast) or fp32, and the vocabularies of Llama 2 / Mistral (32000),
+# Llama 3 (128256) and Qwen 2 / 3 (151936). On a GPU every case compiles every kernel at its shape (logprob forward
+# and backward; rank forward and backward with both SFT reductions, with and without a score gradient); the twin
+# runs the same cases at vocabularies the interpreter can afford.
+TRAINER_KS = (2, 4, 8, 16)
+TRAINER_VOCABS = (32000, 128256, 151936)
+INTERPRETER_VOCABS = (37, 64, 97)
+# dlogits against float64 on the same logits: one rounding of the buffer's dtype
+TRAINER_DTYPES = [(torch.bfloat16, 1e-2, 1e-2), (torch.float32, 1e-6, 1e-5)]
+# Larger than any gap between two scores here (means of log-probabilities of logits ~ N(0, 4): within about 25 of
+# each other), so every ranked pair's hinge is active: rounding cannot carry a pair across the hinge's kink, where
+# the gradient jumps (benchmarks/NOTES.md). The inactive side is tested above at exact float64 logits.
+ALL_ACTIVE_MARGIN = 50.0
+
+
+def _trainer_case(k, vocab, dtype, atol, rtol, groups, max_length, long_length):
+    """`groups` groups of k candidates, 1 to max_length tokens long, one of them long_length (past the token tile:
+    the rank kernels' token loop takes several steps) and one of a single token; rewards with ties. Checked by
+    _check_composed twice, with alpha 1 (the trainer's default): the mean SFT term with a score gradient, and the
+    summed one without."""
+    lengths = torch.randint(1, max_length + 1, (groups * k,))
+    lengths[0], lengths[-1] = long_length, 1
+    rewards = torch.randint(0, k, (groups * k,)).float()
+    rewards[::k] = -1.0  # the lowest, alone: every group has a ranked pair
+    for reduction, grad_scores in (("mean", True), ("sum", False)):
+        _check_composed(lengths.tolist(), [k] * groups, rewards.tolist(), 1.0, ALL_ACTIVE_MARGIN, reduction, torch.int64,
+                        max_group_size=k, vocab=vocab, dtype=dtype, dlogits_tols=(atol, rtol), grad_scores=grad_scores)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", _tols(TRAINER_DTYPES))
+@pytest.mark.parametrize("k, vocab", [(k, INTERPRETER_VOCABS[i % 3]) for i, k in enumerate(TRAINER_KS)])
+def test_kernels_at_trainer_group_sizes(k, vocab, dtype, atol, rtol):
+    """The trainer's group sizes and dtypes at small vocabularies (one a group size: the interpreter takes tens of
+    milliseconds a row); a token tile is 16 tokens under the interpreter."""
+    _trainer_case(k, vocab, dtype, atol, rtol, groups=max(1, 4 // k), max_length=5, long_length=19)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, atol, rtol", _tols(TRAINER_DTYPES))
+@pytest.mark.parametrize("vocab", TRAINER_VOCABS)
+@pytest.mark.parametrize("k", TRAINER_KS)
+def test_kernels_compile_at_trainer_shapes(k, vocab, dtype, atol, rtol):
+    """The trainer's group sizes, dtypes and vocabularies on the GPU: about 2000 tokens (32 / k groups of up to 64
+    tokens a candidate, one of 1100, past the 1024-token tile)."""
+    _trainer_case(k, vocab, dtype, atol, rtol, groups=max(2, 32 // k), max_length=64, long_length=1100)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA only
