@@ -17,11 +17,19 @@ Providers (each checked against the reference before it is timed; absent librari
     torch-linear-ce     torch's F.linear_cross_entropy(reduction="none", chunked) + our ranking
     liger, cce          Liger-Kernel / Cut Cross-Entropy per-token losses + our ranking
 
+--autocast measures the head as a training step under `rrhf_fast.train --bf16` runs it: hidden states and the LM
+head's master weight in float32, the loss under torch.autocast(--dtype), so the gradients every provider returns
+are fp32 and "scratch" is what the head holds beyond them (today the fp32 [V, D] accumulator of dW, its bf16
+result and the bf16 copy of the weight; where the master weight's .grad became the accumulator, it would be none).
+
     python benchmarks/bench_loss.py                          # CPU sweep, 2 threads, a few minutes
     python benchmarks/bench_loss.py --device cuda            # GPU sizes: N 2048..16384, D 4096, V 32000/128256, bf16
+    python benchmarks/bench_loss.py --device cuda --sizes 8192,4096,128256 --autocast --providers reference,triton
+    python benchmarks/bench_loss.py --dry-run --out /tmp/x   # the CUDA path on CPU at a tiny size (interpreted Triton)
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -55,14 +63,14 @@ CUDA_PROVIDERS = [
 ]
 
 
-def make_inputs(num_tokens, dim, vocab, dtype, device, seed=0):
+def make_inputs(num_tokens, dim, vocab, dtype, device, seed=0, tokens_per_candidate=TOKENS_PER_CANDIDATE):
     gen = torch.Generator().manual_seed(seed)
-    num_candidates = num_tokens // TOKENS_PER_CANDIDATE
+    num_candidates = num_tokens // tokens_per_candidate
     x = dict(
         hidden=torch.randn(num_tokens, dim, generator=gen).to(device, dtype).requires_grad_(),
         weight=(torch.randn(vocab, dim, generator=gen) / dim**0.5).to(device, dtype).requires_grad_(),
         targets=torch.randint(0, vocab, (num_tokens,), generator=gen).to(device),
-        cu_seqlens=torch.arange(0, num_tokens + 1, TOKENS_PER_CANDIDATE, device=device),
+        cu_seqlens=torch.arange(0, num_tokens + 1, tokens_per_candidate, device=device),
         rewards=torch.randn(num_candidates, generator=gen).to(device),
         cu_groups=torch.arange(0, num_candidates + 1, CANDIDATES_PER_GROUP, device=device),
     )
@@ -136,16 +144,21 @@ def provider_fn(name):
     raise ValueError(f"unknown provider {name!r}")
 
 
-def fwd_bwd(fn, x):
+def fwd_bwd(fn, x, autocast=None):
+    """One forward and backward; with `autocast` (a dtype) the forward runs under torch.autocast as the trainer's
+    --bf16 step runs it (no weight cache), the backward outside it."""
     x["hidden"].grad = x["weight"].grad = None
-    out = fn(x)
+    device = x["hidden"].device.type
+    region = torch.autocast(device, dtype=autocast, cache_enabled=False) if autocast else contextlib.nullcontext()
+    with region:
+        out = fn(x)
     out.loss.backward()
     return out
 
 
-def agrees_with_reference(fn, x, ref):
+def agrees_with_reference(fn, x, ref, autocast=None):
     """Loss within 1e-3 relative and gradients within 2% of their scale (bf16 inputs keep ~3 digits)."""
-    out = fwd_bwd(fn, x)
+    out = fwd_bwd(fn, x, autocast)
     grads = x["hidden"].grad.float(), x["weight"].grad.float()
     if abs(out.loss.item() - ref["loss"]) > 1e-3 * max(1.0, abs(ref["loss"])):
         return f"loss {out.loss.item():.6g} != reference {ref['loss']:.6g}"
@@ -159,31 +172,34 @@ def agrees_with_reference(fn, x, ref):
 _reference_results = {}  # the reference's loss and gradients at the size being measured
 
 
-def reference_result(x, key):
+def reference_result(x, key, autocast=None):
     """{"loss", "grads"} of the reference on inputs x, computed once a size (make_inputs is deterministic)."""
     if key not in _reference_results:
         _reference_results.clear()  # one size at a time: a large size's gradients take GBs
-        out = fwd_bwd(provider_fn("reference"), x)
+        out = fwd_bwd(provider_fn("reference"), x, autocast)
         grads = (x["hidden"].grad.float().clone(), x["weight"].grad.float().clone())
         _reference_results[key] = {"loss": out.loss.item(), "grads": grads}
     return _reference_results[key]
 
 
-def measure(provider, num_tokens, dim, vocab, dtype, device, repeats, check):
-    """Time and memory of one provider at one size: {"seconds", "extra_bytes"} or {"skipped": why}."""
+def measure(provider, num_tokens, dim, vocab, dtype, device, repeats, check, *, autocast=None,
+            tokens_per_candidate=TOKENS_PER_CANDIDATE):
+    """Time and memory of one provider at one size: {"seconds", "extra_bytes"} or {"skipped": why}. `dtype` is the
+    inputs'; `autocast` (a dtype or None) the forward's autocast region (see fwd_bwd)."""
     try:
         fn = provider_fn(provider)
     except ImportError as err:
         return {"skipped": str(err)}
-    x = make_inputs(num_tokens, dim, vocab, dtype, device)
+    x = make_inputs(num_tokens, dim, vocab, dtype, device, tokens_per_candidate=tokens_per_candidate)
     if check and provider != "reference":
-        problem = agrees_with_reference(fn, x, reference_result(x, (num_tokens, dim, vocab, dtype, device)))
+        key = (num_tokens, dim, vocab, dtype, device, autocast, tokens_per_candidate)
+        problem = agrees_with_reference(fn, x, reference_result(x, key, autocast), autocast)
         if problem:
             raise SystemExit(f"{provider} disagrees with the reference at N={num_tokens}: {problem}")
-    fwd_bwd(fn, x)  # warm-up (and compilation) before the memory measurement
+    fwd_bwd(fn, x, autocast)  # warm-up (and compilation) before the memory measurement
     x["hidden"].grad = x["weight"].grad = None  # so that the peak counts the gradients the call allocates
-    extra = report.peak_extra_bytes(lambda: fwd_bwd(fn, x), device)
-    seconds = report.median_seconds(lambda: fwd_bwd(fn, x), device, repeats=repeats, warmup=0)
+    extra = report.peak_extra_bytes(lambda: fwd_bwd(fn, x, autocast), device)
+    seconds = report.median_seconds(lambda: fwd_bwd(fn, x, autocast), device, repeats=repeats, warmup=0)
     return {"seconds": seconds, "extra_bytes": extra}
 
 
@@ -194,7 +210,8 @@ def matmul_floor(num_tokens, dim, vocab, dtype, device, repeats):
     FLOPs but not at the same speed (the two backward shapes reduce over a long dimension), so the floor is
     their sum, not three times the first.
     """
-    x = make_inputs(num_tokens, dim, vocab, dtype, device)
+    # the matmuls see hidden and weight only: the tokens may as well make one group, whatever their number
+    x = make_inputs(num_tokens, dim, vocab, dtype, device, tokens_per_candidate=num_tokens // CANDIDATES_PER_GROUP)
     hidden, weight = x["hidden"].detach(), x["weight"].detach()
     dz = torch.randn(num_tokens, vocab, device=device, dtype=dtype)
     shapes = ((hidden, weight.T), (dz, weight), (dz.T, hidden))
@@ -206,6 +223,7 @@ def in_fresh_process(args, provider, size):
     command = [sys.executable, __file__, "--child", provider, "--sizes", ",".join(map(str, size))]
     command += ["--dtype", args.dtype, "--threads", str(args.threads), "--repeats", str(args.repeats)]
     command += [] if args.check else ["--no-check"]
+    command += ["--autocast"] if args.autocast else []
     # glibc keeps freed large blocks in the heap once its mmap threshold adapts, which would hide the peak of
     # the timed call behind the warm-up's; a fixed threshold returns every large block to the system.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
@@ -224,9 +242,23 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions on CPU; CUDA uses do_bench")
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the agreement check")
-    parser.add_argument("--out", type=Path, default=report.RESULTS, help="folder for the dated tables and plot")
+    parser.add_argument("--autocast", action="store_true",
+                        help="a training step's head: fp32 hidden states and master weight, the forward under "
+                             "torch.autocast(--dtype) (see above)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the CUDA code path (every CUDA provider in this process, a failure recorded, not fatal) on "
+                             "the CPU at a tiny size, Triton interpreted; writes its table to --out (default: a new "
+                             "temporary folder)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the dated tables and plot (default benchmarks/results)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one provider in this process
     args = parser.parse_args(argv)
+    if args.dry_run:
+        # the kernels choose the interpreter when they are decorated: before anything imports rrhf_fast.kernels
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.device, args.sizes, args.repeats = "cpu", ["32,24,257"], 1
+        args.dtype = args.dtype or "bfloat16"
+        args.providers = args.providers or ",".join(CUDA_PROVIDERS)
+    args.out = report.out_dir(args.out, args.dry_run, "bench_loss")
     cpu = args.device == "cpu"
     args.dtype = args.dtype or ("float32" if cpu else "bfloat16")
     default_sizes = (
@@ -236,35 +268,40 @@ def parse_args(argv=None):
     )
     args.sizes = [tuple(int(v) for v in s.split(",")) for s in (args.sizes or default_sizes)]
     args.providers = args.providers.split(",") if args.providers else (CPU_PROVIDERS if cpu else CUDA_PROVIDERS)
+    # dry run: four-token candidates, so that a tiny size still holds whole groups of four
+    args.tokens_per_candidate = 4 if args.dry_run else TOKENS_PER_CANDIDATE
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    compute = getattr(torch, args.dtype)
+    # --autocast: fp32 inputs (the master weight and the residual stream), the matmuls in the autocast dtype
+    dtype, autocast = (torch.float32, compute) if args.autocast else (compute, None)
+    options = dict(autocast=autocast, tokens_per_candidate=args.tokens_per_candidate)
     if args.child:
-        print(json.dumps(measure(args.child, *args.sizes[0], dtype, "cpu", args.repeats, args.check)))
+        print(json.dumps(measure(args.child, *args.sizes[0], dtype, "cpu", args.repeats, args.check, **options)))
         return
 
     rows = []
     for size in args.sizes:
         num_tokens, dim, vocab = size
-        floor = matmul_floor(*size, dtype, args.device, args.repeats)
+        floor = matmul_floor(*size, compute, args.device, args.repeats)
         results = {}
         for provider in args.providers:
-            if args.device == "cpu":
+            if args.device == "cpu" and not args.dry_run:
                 results[provider] = in_fresh_process(args, provider, size)
             else:
                 try:
-                    results[provider] = measure(provider, *size, dtype, "cuda", args.repeats, args.check)
+                    results[provider] = measure(provider, *size, dtype, args.device, args.repeats, args.check, **options)
                 except (Exception, SystemExit) as err:  # a peer library that breaks here must not end the sweep
                     results[provider] = {"skipped": f"failed: {str(err)[:300]}"}
                 torch.cuda.empty_cache()
             print(size, provider, results[provider], flush=True)
         ref = results.get("reference", {})
         # the gradients of hidden and weight are outputs every provider must allocate (1 GB of dW in bf16 at
-        # V = 128256, D = 4096); what a provider adds beyond them is its scratch
+        # V = 128256, D = 4096; 2 GB in fp32 under --autocast); what a provider adds beyond them is its scratch
         grad_bytes = (num_tokens + vocab) * dim * dtype.itemsize
         for provider, r in results.items():
             if "skipped" in r:
@@ -287,10 +324,13 @@ def main(argv=None):
                 }
             )
     info = report.machine(args.device)
-    name = f"loss-{'cpu' if args.device == 'cpu' else info['device'].replace(' ', '-').lower()}"
+    name = "loss-" + ("autocast-" if autocast else "") + ("cpu" if args.device == "cpu" else info["device"].replace(" ", "-").lower())
+    inputs = f"fp32 inputs under {args.dtype} autocast (a training step's head)" if autocast else f"{args.dtype} inputs"
+    command = " ".join(["python benchmarks/bench_loss.py", *(sys.argv[1:] if argv is None else argv)])
     notes = (
-        f"{args.dtype} inputs; groups of {CANDIDATES_PER_GROUP} candidates x {TOKENS_PER_CANDIDATE} tokens; "
-        f"fwd+bwd of the loss w.r.t. hidden and weight. Reproduce: `python benchmarks/bench_loss.py --device {args.device}`."
+        f"{inputs}; groups of {CANDIDATES_PER_GROUP} candidates x {args.tokens_per_candidate} tokens; "
+        f"fwd+bwd of the loss w.r.t. hidden and weight. Reproduce: `{command}`."
+        + (" A dry run: tiny sizes on the CPU, Triton interpreted; the figures measure nothing." if args.dry_run else "")
     )
     skipped = {p: r["skipped"] for p, r in results.items() if "skipped" in r}
     if skipped:

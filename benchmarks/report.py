@@ -10,12 +10,21 @@ import gc
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def out_dir(out, dry_run: bool, name: str) -> Path:
+    """Where a benchmark writes its tables: --out; else benchmarks/results, or for a dry run a new temporary folder
+    (a dry run's tables measure nothing and never land in results/)."""
+    if out is not None:
+        return Path(out)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-dry-run-")) if dry_run else RESULTS
 
 
 def cpu_model() -> str:
