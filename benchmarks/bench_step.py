@@ -38,11 +38,19 @@ versions, the command and the load average.
         --prompt-lens 96 --response-lens 24 --ks 4 --groups 1 --variants original,reencode-fused,ours-kv-cache
 
 --model DIR times a pretrained Hugging Face model (its real vocabulary, depth and weights) instead of a Llama built
-from a preset; the token ids are still random, and the table is named step-<label>-<device>.
+from a preset; the token ids are still random, and the table is named step-<label>-<device> (--label names a preset's
+table too). --groups takes a list (a sweep dimension, like --ks), --gradient-checkpointing recomputes the layers in
+the backward. A variant that cannot run at a point (the probe refuses its mode, it runs out of memory) gets a row
+saying why instead of its times, and the others go on. --dry-run runs the same command on the CPU at a tiny size
+(preset tiny, P = 24, R = 6, one step each) and writes its table to --out (default: a new temporary folder):
+
+    python benchmarks/bench_step.py --device cuda --dtype bfloat16 --preset llama-1b --prompt-lens 512 \
+        --response-lens 128 --ks 4 --groups 8,32 --gradient-checkpointing --label llama-1b-ckpt --no-memory
 """
 
 import argparse
 import ctypes
+import gc
 import itertools
 import multiprocessing
 import os
@@ -60,6 +68,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import report  # noqa: E402
 from report import machine, median_seconds, peak_extra_bytes, write_table  # noqa: E402
 from rrhf_fast import model_loss, pack_batch, prefix_forward, reference  # noqa: E402
 from rrhf_fast.prefix import resolve_mode  # noqa: E402
@@ -88,7 +97,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=None,
                         help="a pretrained Hugging Face model directory to time instead of a preset Llama")
     parser.add_argument("--label", default=None,
-                        help="name of the model in the results file, step-<label>-<device> (default: the directory's name)")
+                        help="name in the results file, step-<label>-<device> (default: --model's directory name; none for a preset)")
     parser.add_argument("--hidden", type=int, help="Llama hidden size (overrides the preset)")
     parser.add_argument("--layers", type=int, help="Llama layers (overrides the preset)")
     parser.add_argument("--heads", type=int, help="attention heads (overrides the preset)")
@@ -99,7 +108,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-lens", help="comma-separated prompt lengths P to sweep (default: per device)")
     parser.add_argument("--response-lens", help="comma-separated response lengths R to sweep (default: per device)")
     parser.add_argument("--ks", help="comma-separated candidate counts k to sweep (default: per device)")
-    parser.add_argument("--groups", type=int, default=2, help="query groups per batch")
+    parser.add_argument("--groups", default="2", help="comma-separated query groups per batch to sweep")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in the backward")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated variants to run, from {', '.join(VARIANTS)} (original is always run)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -113,7 +123,15 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the token ids")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
     parser.add_argument("--no-write", action="store_true", help="print the table only; write no files")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="this command on the CPU at a tiny size (preset tiny, P=24, R=6, one step a variant), table to --out")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        args.device, args.model, args.preset, args.repeats, args.warmup = "cpu", None, "tiny", 1, 1
+        args.prompt_lens, args.response_lens = "24", "6"
+        for name in PRESETS["tiny"]:  # the tiny shape, whatever the command asked for
+            setattr(args, name, None)
+        args.out = str(report.out_dir(args.out, True, "bench_step"))
     device = torch.device(args.device).type
     if args.model is not None:
         _read_model_shape(args, parser)
@@ -178,15 +196,15 @@ class Workload:
 
 
 def sweep_points(args) -> list[Point]:
-    lists = [[int(x) for x in s.split(",")] for s in (args.prompt_lens, args.response_lens, args.ks)]
-    return [Point(P, R, k, args.groups) for P, R, k in itertools.product(*lists)]
+    lists = [[int(x) for x in str(s).split(",")] for s in (args.prompt_lens, args.response_lens, args.ks, args.groups)]
+    return [Point(P, R, k, groups) for P, R, k, groups in itertools.product(*lists)]
 
 
 def build_model(args, device, dtype) -> LlamaForCausalLM:
     torch.manual_seed(args.seed)
     if args.model is not None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
-        return model.to(device).train()
+        return _checkpointing(model.to(device).train(), args)
     config = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -199,7 +217,13 @@ def build_model(args, device, dtype) -> LlamaForCausalLM:
         attn_implementation=args.attn,
     )
     with torch.device(device):  # initialised where it runs: a 1B model builds in seconds on a GPU
-        return LlamaForCausalLM(config).to(dtype).train()
+        return _checkpointing(LlamaForCausalLM(config).to(dtype).train(), args)
+
+
+def _checkpointing(model, args):
+    if args.gradient_checkpointing:  # renamed in transformers 5.2x; the old name still works before that
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    return model
 
 
 def build_workload(point: Point, vocab: int, device, seed: int) -> Workload:
@@ -260,14 +284,36 @@ def make_step(model, optimizer, work: Workload, variant: str):
     return step
 
 
-def check_losses(model, work: Workload, variants, dtype) -> dict[str, float]:
-    """Every variant's loss on the current weights (no step), after checking it matches `original`'s."""
+def attempt(failed: dict, variant: str, fn):
+    """fn(), or None with the reason it could not run in failed[variant] (the probe refusing its mode, out of memory, a
+    library that breaks at this size): a variant that cannot run at a point must not end the sweep."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001  (recorded in the table; a wrong loss is still fatal, in check_losses)
+        failed[variant] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:240]}"
+    gc.collect()  # the traceback's frames held the failed step's tensors
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return None
+
+
+def check_losses(model, work: Workload, variants, dtype, failed: dict | None = None) -> dict[str, float]:
+    """Every variant's loss on the current weights (no step), after checking it matches `original`'s (or, where
+    original cannot run, the first variant's that can). With `failed` a variant that cannot run is left out and
+    its reason recorded there; without, its error propagates."""
     with torch.no_grad():
-        losses = {v: float(VARIANTS[v][2](model, work).loss) for v in variants}
-    tol = LOSS_RTOL[dtype] * max(1.0, abs(losses["original"]))
+        if failed is None:
+            losses = {v: float(VARIANTS[v][2](model, work).loss) for v in variants}
+        else:
+            losses = {v: attempt(failed, v, lambda v=v: float(VARIANTS[v][2](model, work).loss)) for v in variants}
+            losses = {v: loss for v, loss in losses.items() if loss is not None}
+    if not losses:
+        return losses
+    base = "original" if "original" in losses else next(iter(losses))
+    tol = LOSS_RTOL[dtype] * max(1.0, abs(losses[base]))
     for v, loss in losses.items():
-        if abs(loss - losses["original"]) > tol:
-            raise AssertionError(f"{v} gives loss {loss:.6g} but original gives {losses['original']:.6g}: not comparable")
+        if abs(loss - losses[base]) > tol:
+            raise AssertionError(f"{v} gives loss {loss:.6g} but {base} gives {losses[base]:.6g}: not comparable")
     return losses
 
 
@@ -275,22 +321,32 @@ def check_losses(model, work: Workload, variants, dtype) -> dict[str, float]:
 # Measurement.
 
 
-def time_steps(steps: dict, device: str, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step of every variant. CPU: the variants take turns within each round; CUDA: do_bench."""
+def time_steps(steps: dict, device: str, repeats: int, warmup: int, failed: dict | None = None) -> dict[str, float]:
+    """Median seconds per step of every variant. CPU: the variants take turns within each round; CUDA: do_bench.
+    With `failed`, a variant whose step cannot run is left out, its reason recorded there."""
+    run = (lambda v, fn: fn()) if failed is None else (lambda v, fn: attempt(failed, v, fn))
     if device == "cuda":
-        return {v: median_seconds(step, device, repeats, warmup) for v, step in steps.items()}
+        seconds = {v: run(v, lambda step=step: median_seconds(step, device, repeats, warmup)) for v, step in steps.items()}
+        return {v: t for v, t in seconds.items() if t is not None}
+    steps = dict(steps)
     for _ in range(warmup):
-        for step in steps.values():
-            step()
+        for v, step in list(steps.items()):
+            if run(v, lambda step=step: step() is not None) is None:
+                del steps[v]
     rounds = {v: [] for v in steps}
     for _ in range(repeats):
-        for v, step in steps.items():
-            rounds[v].append(median_seconds(step, device, repeats=1, warmup=0))
+        for v, step in list(steps.items()):
+            t = run(v, lambda step=step: median_seconds(step, device, repeats=1, warmup=0))
+            if t is None:
+                del steps[v], rounds[v]
+            else:
+                rounds[v].append(t)
     return {v: statistics.median(t) for v, t in rounds.items()}
 
 
-def _memory_of_variant(args, variant: str) -> list[int]:
-    """Peak bytes one step of `variant` adds at each sweep point, after a warm-up step (runs in its own process)."""
+def _memory_of_variant(args, variant: str) -> list[int | None]:
+    """Peak bytes one step of `variant` adds at each sweep point, after a warm-up step (runs in its own process);
+    None at a point where the step cannot run."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
@@ -299,11 +355,13 @@ def _memory_of_variant(args, variant: str) -> list[int]:
     peaks = []
     for i, point in enumerate(sweep_points(args)):
         step = make_step(model, optimizer, build_workload(point, args.vocab, device, args.seed + i), variant)
-        step()  # allocates the AdamW state, which is not part of a step's peak
+        if attempt({}, variant, step) is None:  # allocates the AdamW state, which is not part of a step's peak
+            peaks.append(None)
+            continue
         if device.type == "cpu":
             # Hand the warm-up's freed pages back to the OS, so that the measured step cannot reuse them unseen.
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        peaks.append(peak_extra_bytes(step, device.type))
+        peaks.append(attempt({}, variant, lambda: peak_extra_bytes(step, device.type)))
     return peaks
 
 
@@ -339,20 +397,24 @@ def run_sweep(args) -> tuple[list[dict], dict]:
     rows = []
     for i, point in enumerate(sweep_points(args)):
         work = build_workload(point, args.vocab, device, args.seed + i)
-        check_losses(model, work, args.variants, dtype)
-        steps = {v: make_step(model, optimizer, work, v) for v in args.variants}
-        seconds = time_steps(steps, device.type, args.repeats, args.warmup)
+        failed = {}  # variant -> why it cannot run at this point
+        check_losses(model, work, args.variants, dtype, failed)
+        steps = {v: make_step(model, optimizer, work, v) for v in args.variants if v not in failed}
+        seconds = time_steps(steps, device.type, args.repeats, args.warmup, failed)
         tokens = point.groups * point.k * point.R
         for v in args.variants:
             body, head, _ = VARIANTS[v]
-            speedup = seconds["original"] / seconds[v]
+            t, peak = seconds.get(v), None if peaks is None else peaks[v][i]
+            speedup = seconds["original"] / t if "original" in seconds and t else None
             same_head = seconds.get("reencode-fused") if head == "fused" and body != "re-encode" else None
             row = {
-                "P": point.P, "R": point.R, "k": point.k, "variant": v, "body": bodies[body], "head": head,
-                "ms/step": seconds[v] * 1e3, "resp tok/s": tokens / seconds[v],
-                "peak MiB": "" if peaks is None else peaks[v][i] / 2**20,
-                "speedup": speedup, "ideal": point.ideal, "of ideal": "" if v == "original" else speedup / point.ideal,
-                "prefix of ideal": "" if same_head is None else same_head / seconds[v] / point.ideal,
+                "P": point.P, "R": point.R, "k": point.k, "groups": point.groups, "variant": v, "body": bodies[body],
+                "head": head, "ms/step": "" if t is None else t * 1e3, "resp tok/s": "" if t is None else tokens / t,
+                "peak MiB": "" if peak is None else peak / 2**20,
+                "speedup": "" if speedup is None else speedup, "ideal": point.ideal,
+                "of ideal": "" if v == "original" or speedup is None else speedup / point.ideal,
+                "prefix of ideal": "" if same_head is None or t is None else same_head / t / point.ideal,
+                "note": failed.get(v, ""),
             }
             rows.append(row)
             print(" ".join(f"{k}={_show(x)}" for k, x in row.items()), flush=True)
@@ -368,6 +430,12 @@ def _load() -> str:
 
 
 def describe(args) -> str:
+    checkpointing = ", gradient checkpointing" if args.gradient_checkpointing else ""
+    dry = "; a dry run (tiny sizes on the CPU): the figures measure nothing" if args.dry_run else ""
+    return _shape(args) + checkpointing + dry
+
+
+def _shape(args) -> str:
     if args.model is not None:
         return (
             f"{args.label} ({args.model}): hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} "
@@ -391,13 +459,13 @@ def main(argv=None):
         return
     device = torch.device(args.device).type
     where = "cpu" if device == "cpu" else torch.cuda.get_device_name().lower().replace(" ", "-")
-    name = "step-" + (f"{args.label}-" if args.model is not None else "") + where
+    name = "step-" + (f"{args.label}-" if args.label else "") + where
     command = " ".join(["python benchmarks/bench_step.py", *(sys.argv[1:] if argv is None else argv)])
     notes = (
         f"Command: `{command}`. " + describe(args) + f"; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average (1, 5, 15 min) {load_start} at the start, {_load()} at the end" + ". `speedup`: step time of `original` over the variant's, same run. `ideal` = k(P+R)/(P+kR), "
         "the prefix-sharing bound for the model body; `of ideal` = speedup / ideal (whole step, so the head's saving "
         "also counts); `prefix of ideal`: speedup over `reencode-fused` (same fused head) / ideal. `peak MiB`: what one "
-        "step adds above the weights and AdamW state."
+        "step adds above the weights and AdamW state. `note`: why a variant did not run at that point."
     )
     kwargs = {} if args.out is None else {"out_dir": Path(args.out)}
     path = write_table(rows, name, "One RRHF optimizer step: original RRHF against rrhf_fast", info, notes, **kwargs)
