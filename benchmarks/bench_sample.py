@@ -21,6 +21,8 @@ ours' (and the command's) tokens/s over theirs, from the same run.
     python benchmarks/bench_sample.py                        # the embedded tiny model, batch 16, 1 thread
     python benchmarks/bench_sample.py --models tiny,smollm2-135m,~/.cache/rrhf_fast/smollm2-135m-instruct
     python benchmarks/bench_sample.py --batch-sizes 4,16 --threads 2
+    python benchmarks/bench_sample.py --device cuda --dtype bfloat16 --models smollm2-135m --prompt-lens 64-192
+    python benchmarks/bench_sample.py --dry-run --out /tmp/x    # the same on the CPU at a tiny size: 3 queries, 3 tokens
 
 Results: benchmarks/results/<date>-sample-cpu.md and .csv (sample-<gpu> on CUDA), with the machine.
 """
@@ -40,6 +42,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
+import report  # noqa: E402
 from report import machine, write_table  # noqa: E402
 from rrhf_fast import data, generation, sample  # noqa: E402
 
@@ -69,7 +72,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="directory for the table (default benchmarks/results)")
+    p.add_argument("--dry-run", action="store_true", help="this command on the CPU at a tiny size (the embedded model, "
+                   "3 queries of 1-9 tokens, batches of 2, k = 2, 3 new tokens, one round); table to --out (default: a "
+                   "new temporary folder)")
     args = p.parse_args(argv)
+    if args.dry_run:
+        args.device, args.models, args.queries, args.batch_sizes, args.k = "cpu", "tiny", 3, "2", 2
+        args.prompt_lens, args.max_new_tokens, args.repeats = "1-9", 3, 1
+        args.out = str(report.out_dir(args.out, True, "bench_sample"))
     args.models = args.models.split(",")
     for spec in args.models:
         if spec not in SHAPES and not os.path.isfile(os.path.join(os.path.expanduser(spec), "config.json")):
@@ -236,7 +246,8 @@ def main(argv=None) -> Path:
     info = machine("cuda" if args.device.startswith("cuda") else "cpu")
     command = " ".join(["python benchmarks/bench_sample.py", *(sys.argv[1:] if argv is None else argv)])
     notes = (
-        f"Command: `{command}`. {args.dtype}, temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}; "
+        f"Command: `{command}`. " + ("A dry run (tiny sizes on the CPU): the figures measure nothing. " if args.dry_run else "")
+        + f"{args.dtype}, temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}; "
         f"median of {args.repeats} rounds after 1 warm-up, contenders interleaved; OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average (1, 5, 15 min) {load_start} at the start, "
         + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " at the end. `tokens`: generated tokens up to each "

@@ -50,7 +50,6 @@ saying why instead of its times, and the others go on. --dry-run runs the same c
 
 import argparse
 import ctypes
-import gc
 import itertools
 import multiprocessing
 import os
@@ -69,7 +68,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import report  # noqa: E402
-from report import machine, median_seconds, peak_extra_bytes, write_table  # noqa: E402
+from report import attempt, machine, median_seconds, peak_extra_bytes, write_table  # noqa: E402
 from rrhf_fast import model_loss, pack_batch, prefix_forward, reference  # noqa: E402
 from rrhf_fast.prefix import resolve_mode  # noqa: E402
 
@@ -282,19 +281,6 @@ def make_step(model, optimizer, work: Workload, variant: str):
         return loss.detach()
 
     return step
-
-
-def attempt(failed: dict, variant: str, fn):
-    """fn(), or None with the reason it could not run in failed[variant] (the probe refusing its mode, out of memory, a
-    library that breaks at this size): a variant that cannot run at a point must not end the sweep."""
-    try:
-        return fn()
-    except Exception as err:  # noqa: BLE001  (recorded in the table; a wrong loss is still fatal, in check_losses)
-        failed[variant] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:240]}"
-    gc.collect()  # the traceback's frames held the failed step's tensors
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return None
 
 
 def check_losses(model, work: Workload, variants, dtype, failed: dict | None = None) -> dict[str, float]:

@@ -68,6 +68,19 @@ def median_seconds(fn, device: str, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def attempt(failed: dict, name: str, fn):
+    """fn(), or None with the reason it could not run in failed[name] (a mode the probe refuses, out of memory, a
+    library that breaks at this size): one contender that cannot run at a point must not end a sweep."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001  (the reason goes into the table)
+        failed[name] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:240]}"
+    gc.collect()  # the traceback's frames held the failed call's tensors
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return None
+
+
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
