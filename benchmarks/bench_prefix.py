@@ -9,22 +9,36 @@ the [N, D] hidden states (the LM head and loss cost the same in every mode and a
     python benchmarks/bench_prefix.py --threads 1 --clock cpu            # on a shared machine: CPU time, one thread
     python benchmarks/bench_prefix.py --max-tokens 576                   # one group per row (see pack_batch)
     python benchmarks/bench_prefix.py --device cuda --dtype bfloat16 --hidden 1024 --layers 8
+    python benchmarks/bench_prefix.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --heads 32 --kv-heads 8 \
+        --intermediate 8192 --prompt-len 512 --response-len 128 --groups 8 --max-tokens 1024 --attn flex_attention \
+        --modes none,packed --label llama-1b-flex --out benchmarks/results     # also a dated table
+    python benchmarks/bench_prefix.py --dry-run --out /tmp/x   # the same on the CPU at a tiny size
 
-The "of ideal" column of the baseline row is 1 / ideal: where re-encoding stands.
+The "of ideal" column of the baseline row is 1 / ideal: where re-encoding stands. A mode that cannot run (the model's
+attention refuses its mask, out of memory) gets a row saying why. With --out the table is also written there,
+<date>-prefix-<label>-<device>.md and .csv; --dry-run (a hidden-64, 2-layer Llama, P = 24, R = 6, one repetition on
+the CPU, the rest of the command as given) writes it to --out or a new temporary folder.
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import report
 from rrhf_fast.batch import pack_batch
 from rrhf_fast.prefix import prefix_forward
 
+# --dry-run's model and lengths: bench_step's tiny preset
+DRY_RUN = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=176, vocab=512, prompt_len=24, response_len=6)
 
-def parse_args():
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-len", type=int, default=384, help="P, tokens per prompt")
     parser.add_argument("--response-len", type=int, default=48, help="R, tokens per candidate")
@@ -34,6 +48,8 @@ def parse_args():
     parser.add_argument("--hidden", type=int, default=256, help="Llama hidden size")
     parser.add_argument("--layers", type=int, default=4, help="Llama layers")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
+    parser.add_argument("--intermediate", type=int, help="MLP intermediate size (default: 8/3 of --hidden, a multiple of 8)")
     parser.add_argument("--vocab", type=int, default=1024, help="vocabulary size")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flex_attention)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -49,7 +65,18 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per mode (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions per mode")
     parser.add_argument("--modes", default="none,packed,kv-cache", help="comma-separated modes; the first is the baseline")
-    return parser.parse_args()
+    parser.add_argument("--label", default="", help="name in the table's file name, prefix-<label>-<device>")
+    parser.add_argument("--out", default=None, help="also write the dated table into this folder")
+    parser.add_argument("--dry-run", action="store_true", help="this command on the CPU at a tiny size; table to --out")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        # as many groups a packed row as the command's lengths give
+        per_row = max(1, args.max_tokens // (args.prompt_len + args.k * args.response_len))
+        args.device, args.repeats, args.warmup, args.clock = "cpu", 1, 1, "wall"
+        vars(args).update(DRY_RUN)
+        args.max_tokens = per_row * (args.prompt_len + args.k * args.response_len)
+        args.out = str(report.out_dir(args.out, True, "bench_prefix"))
+    return args
 
 
 def _sync(device):
@@ -68,12 +95,12 @@ def run_once(model, batch, mode, upstream, clock) -> float:
     return clock() - start
 
 
-def time_modes(model, batch, modes, upstream, repeats, warmup, clock) -> dict[str, list[float]]:
-    """Seconds of every timed repetition of each mode. The modes take turns within each round, so that load from
-    other processes on a shared machine falls on all of them alike."""
-    for _ in range(warmup):
-        for mode in modes:
-            run_once(model, batch, mode, upstream, clock)
+def time_modes(model, batch, modes, upstream, repeats, warmup, clock, failed: dict) -> dict[str, list[float]]:
+    """Seconds of every timed repetition of each mode that runs (the others' reasons go to `failed`). The modes take
+    turns within each round, so that load from other processes on a shared machine falls on all of them alike."""
+    modes = list(modes)
+    for _ in range(max(warmup, 1)):  # at least once: a mode that cannot run is found before the timed rounds
+        modes = [m for m in modes if report.attempt(failed, m, lambda m=m: run_once(model, batch, m, upstream, clock)) is not None]
     times = {mode: [] for mode in modes}
     for _ in range(repeats):
         for mode in modes:
@@ -81,8 +108,8 @@ def time_modes(model, batch, modes, upstream, repeats, warmup, clock) -> dict[st
     return times
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,10 +117,10 @@ def main():
     config = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 8 / 3) // 8 * 8,
+        intermediate_size=args.intermediate or int(args.hidden * 8 / 3) // 8 * 8,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
         max_position_embeddings=args.prompt_len + args.response_len + 8,
         attn_implementation=args.attn,
     )
@@ -113,16 +140,46 @@ def main():
         f"rows={batch.input_ids.shape[0]}x{batch.input_ids.shape[1]}; ideal speedup {ideal:.3f}x"
     )
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    times = time_modes(model, batch, modes, upstream, args.repeats, args.warmup, clock)
+    failed = {}
+    times = time_modes(model, batch, modes, upstream, args.repeats, args.warmup, clock, failed)
     # The median is the typical figure; the minimum is the least disturbed by other load on a shared machine.
-    print(f"{'mode':>10} {'median ms':>10} {'min ms':>8} {'speedup':>8} {'of ideal':>9} {'speedup(min)':>13} {'of ideal':>9}")
+    rows = []
     for mode in modes:
-        median = statistics.median(times[modes[0]]) / statistics.median(times[mode])
-        best = min(times[modes[0]]) / min(times[mode])
-        print(
-            f"{mode:>10} {statistics.median(times[mode]) * 1e3:10.1f} {min(times[mode]) * 1e3:8.1f} "
-            f"{median:7.3f}x {median / ideal:9.3f} {best:12.3f}x {best / ideal:9.3f}"
-        )
+        row = {"P": P, "R": R, "k": k, "groups": args.groups, "attn": args.attn, "mode": mode, "median ms": "",
+               "min ms": "", "speedup": "", "of ideal": "", "speedup (min)": "", "of ideal (min)": "",
+               "note": failed.get(mode, "")}  # fmt: skip
+        rows.append(row)
+        if mode not in times:
+            print(f"{mode:>10} did not run: {failed[mode]}")
+            continue
+        row.update({"median ms": statistics.median(times[mode]) * 1e3, "min ms": min(times[mode]) * 1e3})
+        if modes[0] in times:
+            median = statistics.median(times[modes[0]]) / statistics.median(times[mode])
+            best = min(times[modes[0]]) / min(times[mode])
+            row.update({"speedup": median, "of ideal": median / ideal, "speedup (min)": best, "of ideal (min)": best / ideal})
+        print(" ".join(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}" for k, x in row.items()))
+    if args.out is not None:
+        write(args, rows, batch, ideal)
+
+
+def write(args, rows, batch, ideal):
+    """The dated table under --out: prefix-<label>-<device>.md and .csv, with the machine and the command."""
+    device = torch.device(args.device).type
+    info = report.machine(device)
+    where = "cpu" if device == "cpu" else info["device"].lower().replace(" ", "-")
+    command = " ".join(["python benchmarks/bench_prefix.py", *sys.argv[1:]])
+    notes = (
+        f"Command: `{command}`. " + ("A dry run (tiny sizes on the CPU): the figures measure nothing. " if args.dry_run else "")
+        + f"Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads or args.heads} kv), "
+        f"intermediate {args.intermediate or int(args.hidden * 8 / 3) // 8 * 8}, vocab {args.vocab}, {args.dtype}; rows "
+        f"{batch.input_ids.shape[0]} x {batch.input_ids.shape[1]}; forward + backward of the body from a random upstream "
+        f"gradient, {args.clock} clock, median of {args.repeats} after {args.warmup} warm-up; ideal speedup "
+        f"k(P+R)/(P+kR) = {ideal:.3f}; load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}. `speedup`: "
+        f"the first mode's time over the mode's; `of ideal`: speedup / ideal; `note`: why a mode did not run."
+    )
+    name = "prefix-" + (f"{args.label}-" if args.label else "") + where
+    path = report.write_table(rows, name, "Prefix sharing: the model body, forward + backward", info, notes, Path(args.out))
+    print(f"wrote {path} and {path.with_suffix('.csv')}")
 
 if __name__ == "__main__":
     main()
