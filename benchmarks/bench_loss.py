@@ -255,7 +255,7 @@ def parse_args(argv=None):
     if args.dry_run:
         # the kernels choose the interpreter when they are decorated: before anything imports rrhf_fast.kernels
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        args.device, args.sizes, args.repeats = "cpu", ["32,24,257"], 1
+        args.device, args.sizes, args.repeats, args.threads = "cpu", ["32,24,257"], 1, 1
         args.dtype = args.dtype or "bfloat16"
         args.providers = args.providers or ",".join(CUDA_PROVIDERS)
     args.out = report.out_dir(args.out, args.dry_run, "bench_loss")
@@ -357,7 +357,8 @@ def plot(rows, path):
         ax.set_xlabel("response tokens N")
         ax.set_ylabel(label)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if all(line_y > 0 for line in ax.get_lines() for line_y in line.get_ydata()):  # a dry run measures 0 MiB
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     ax_time.legend(fontsize=8)
     fig.suptitle(f"RRHF loss head, D = {rows[0]['D']}, V = {vocab}")

@@ -124,7 +124,8 @@ def main(argv=None):
         max_position_embeddings=args.prompt_len + args.response_len + 8,
         attn_implementation=args.attn,
     )
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+    with device:  # initialised where it runs: a 1B model builds in seconds on a GPU, in tens of seconds on its host
+        model = LlamaForCausalLM(config).to(dtype=dtype).train()
     prompts = [torch.randint(args.vocab, (args.prompt_len,)).tolist() for _ in range(args.groups)]
     candidates = [[torch.randint(args.vocab, (args.response_len,)).tolist() for _ in range(args.k)] for _ in range(args.groups)]
     rewards = [[float(i) for i in range(args.k)] for _ in range(args.groups)]
@@ -166,7 +167,7 @@ def write(args, rows, batch, ideal):
     """The dated table under --out: prefix-<label>-<device>.md and .csv, with the machine and the command."""
     device = torch.device(args.device).type
     info = report.machine(device)
-    where = "cpu" if device == "cpu" else info["device"].lower().replace(" ", "-")
+    where = report.file_device(device)
     command = " ".join(["python benchmarks/bench_prefix.py", *sys.argv[1:]])
     notes = (
         f"Command: `{command}`. " + ("A dry run (tiny sizes on the CPU): the figures measure nothing. " if args.dry_run else "")

@@ -52,6 +52,11 @@ def machine(device: str) -> dict:
     return info
 
 
+def file_device(device: str) -> str:
+    """The device's part of a table's file name: cpu, or the GPU's name in lower case with dashes (nvidia-h200)."""
+    return "cpu" if torch.device(device).type == "cpu" else torch.cuda.get_device_name().lower().replace(" ", "-")
+
+
 def median_seconds(fn, device: str, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of fn() after warm-up; CUDA work is timed with triton's do_bench (events, flushed L2)."""
     if device == "cuda":

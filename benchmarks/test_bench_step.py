@@ -90,7 +90,7 @@ def test_a_variant_that_cannot_run_gets_a_row_saying_why(tmp_path):
     """Under gradient checkpointing the probe refuses "kv-cache": the sweep records why, in its row at every point
     (--groups is a sweep dimension), and times the others; --dry-run writes its table to --out."""
     args = bench_step.parse_args(["--dry-run", "--gradient-checkpointing", "--groups", "1,3", "--ks", "2",
-                                  "--variants", "reencode-fused,ours-kv-cache", "--no-memory", "--out", str(tmp_path)])
+                                  "--variants", "original,reencode-fused,ours-kv-cache", "--no-memory", "--out", str(tmp_path)])
     rows, _ = bench_step.run_sweep(args)
     assert [(r["groups"], r["variant"]) for r in rows] == [
         (g, v) for g in (1, 3) for v in ("original", "reencode-fused", "ours-kv-cache")]
