@@ -9,7 +9,7 @@
 #                                                         # tables in DIR (default: a new temporary folder)
 #
 # Stages (limits in seconds; the drivers are benchmarks/*.py, each with --help):
-#   0 versions   10  torch, triton, transformers, peft, flash-attn, liger-kernel, cut-cross-entropy, the device, and
+#   0 versions   20  torch, triton, transformers, peft, flash-attn, liger-kernel, cut-cross-entropy, the device, and
 #                    which rrhf_fast is imported (gpu_versions.py)
 #   1 tests     110  the cuda-marked tests and the kernel tests on CUDA: every Triton kernel compiled at the trainer's
 #                    shapes, k = 2, 4, 8, 16, bf16 and fp32, V = 32000 / 128256 / 151936 (gpu_tests.py)
@@ -28,8 +28,8 @@
 # Before the stages: the wheels in .whl/ (benchmarks/gpu_wheels.sh downloads them) are installed into /tmp/site with
 # --no-deps and put on PYTHONPATH; where rrhf_fast does not import from this checkout (no `pip install -e .` there),
 # rrhf_fast/kernels is linked to kernels/ and the checkout put on PYTHONPATH. Where $OUT is set (the device tool's
-# run), gpu-check.log and gpu-check.tgz (every table this run wrote, at its path under the repository, and the logs)
-# are refreshed there after every stage: `tar xzf gpu-check.tgz` in the repository's root puts the tables in place.
+# run), gpu-check.log and gpu-check.tgz (every table this run wrote, at its path under the repository, and the logs
+# under out/) are refreshed there after every stage: `tar xzf gpu-check.tgz` in the repository's root puts them in place.
 # The exit status is 0 when every stage passed, 1 otherwise.
 set -u
 
@@ -88,7 +88,8 @@ if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
 else
     say "no .whl/ folder: nothing to install (benchmarks/gpu_wheels.sh fetches the optional libraries)"
 fi
-kernels_dir() { "$PY" -c 'import os, rrhf_fast.kernels as k; print(os.path.realpath(os.path.dirname(k.__file__)))' 2>/dev/null; }
+# asked from / as the drivers see it (a script's sys.path starts with its folder, not with the working directory)
+kernels_dir() { (cd / && "$PY" -c 'import os, rrhf_fast.kernels as k; print(os.path.realpath(os.path.dirname(k.__file__)))' 2>/dev/null); }
 if [ "$(kernels_dir)" != "$ROOT/kernels" ]; then
     [ -e "$ROOT/rrhf_fast/kernels" ] || ln -s ../kernels "$ROOT/rrhf_fast/kernels"
     export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
@@ -105,7 +106,9 @@ pack() {  # refresh $OUT/gpu-check.log and $OUT/gpu-check.tgz (this run's tables
     cp "$LOG" "$OUT/gpu-check.log"
     local files
     mapfile -t files < <(cd "$ROOT" && find "${RESULTS#"$ROOT"/}" -maxdepth 1 -type f -newer "$RUN_MARK" 2>/dev/null)
-    tar czf "$OUT/gpu-check.tgz.part" -C "$ROOT" "${files[@]}" -C "$(dirname "$LOGS")" "$(basename "$LOGS")" 2>>"$LOG" \
+    # the logs unpack under out/, which git ignores
+    tar czf "$OUT/gpu-check.tgz.part" --transform "s|^$(basename "$LOGS")|out/$(basename "$LOGS")|" -C "$ROOT" "${files[@]}" \
+        -C "$(dirname "$LOGS")" "$(basename "$LOGS")" 2>>"$LOG" \
         && mv "$OUT/gpu-check.tgz.part" "$OUT/gpu-check.tgz"
 }
 
@@ -160,8 +163,8 @@ BODY_1B=(--device cuda --dtype bfloat16 --hidden 2048 --layers 16 --heads 32 --k
          --vocab 128256 --prompt-len 512 --response-len 128 --k 4 --groups 8 --max-tokens 1024 --repeats 3)
 
 if wanted 0; then
-    stage 0 versions 10 versions
-    step 10 "$PY" benchmarks/gpu_versions.py --out "$RESULTS" "${DRY[@]}"
+    stage 0 versions 20 versions
+    step 20 "$PY" benchmarks/gpu_versions.py --out "$RESULTS" "${DRY[@]}"
     finish
 fi
 if wanted 1; then
