@@ -12,6 +12,7 @@ naming a mode), "WRONG (worst relative error, where)" or "error (exception)".
 
 import argparse
 import datetime
+import math
 import os
 import sys
 import time
@@ -21,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import tiny_models  # noqa: E402
+from rrhf_fast import probe  # noqa: E402
+from rrhf_fast.batch import pack_batch  # noqa: E402
 from rrhf_fast.prefix import MODES  # noqa: E402
 
 CASE_SECONDS = 60
@@ -40,6 +43,11 @@ def sweep_family(family: str) -> dict:
         return {"not built": f"{type(e).__name__}: {e}"}
     row = {"class": type(model).__name__, "structure": tiny_models.structure(model), "build_s": seconds}
     groups = tiny_models.probe_groups()
+    try:
+        with tiny_models.time_limit(CASE_SECONDS):
+            row["errors"] = {path: err for path, (err, _) in probe.path_errors(model, pack_batch(*groups)).items()}
+    except Exception as e:  # noqa: BLE001 - the model cannot even re-encode
+        row["errors"] = {"error": f"{type(e).__name__}: {e}"}
     for checkpointing in (False, True):
         if checkpointing:
             try:
@@ -69,6 +77,37 @@ def _cell(verdict_detail) -> str:
     if verdict == "exact":
         return "exact"
     return f"{verdict} ({_short(detail, 70)})"
+
+
+PATHS = ("fused head", "packed", "kv-cache", "none")
+
+
+def _error_cell(errors: dict) -> str:
+    if "error" in errors:
+        return _short(errors["error"], 60)
+    return ", ".join(f"{p.split()[0]} {errors[p]:.0e}" if math.isfinite(errors[p]) else f"{p.split()[0]} -" for p in PATHS if p in errors)
+
+
+def margin(rows: dict) -> list[str]:
+    """The margin between rounding and structure: every error the check measured, with the bound between them."""
+    measured = [(err, family, path) for family, row in rows.items() for path, err in row.get("errors", {}).items()
+                if path in PATHS and math.isfinite(err)]  # fmt: skip
+    below = max((m for m in measured if m[0] <= probe.TOLERANCE), default=None)
+    above = min((m for m in measured if m[0] > probe.TOLERANCE), default=None)
+    decades = {}
+    for err, _, _ in measured:
+        decade = math.floor(math.log10(err)) if err > 0 else -17
+        decades[decade] = decades.get(decade, 0) + 1
+    lines = [f"Errors the check measured (probe.path_errors, every path run as it is, even where the check leaves it "
+             f"out by construction; {len(measured)} values): largest at or below TOLERANCE = {probe.TOLERANCE:g}: "
+             + (f"{below[0]:.2g} ({below[1]}, {below[2]})" if below else "none")
+             + "; smallest above: " + (f"{above[0]:.2g} ({above[1]}, {above[2]})" if above else "none")
+             + (f"; margin {above[0] / below[0]:.3g}x" if below and above and below[0] > 0 else "") + ".",  # fmt: skip
+             "",
+             "| error in | " + " | ".join(f"[1e{d}, 1e{d + 1})" if d > -17 else "0" for d in sorted(decades)) + " |",
+             "|---" * (len(decades) + 1) + "|",
+             "| paths | " + " | ".join(str(decades[d]) for d in sorted(decades)) + " |"]  # fmt: skip
+    return lines
 
 
 def write_table(rows: dict, seconds: float, path: Path) -> None:
@@ -101,12 +140,16 @@ def write_table(rows: dict, seconds: float, path: Path) -> None:
         "",
         f"error in at least one case ({len(error_families)}): {', '.join(error_families) or 'none'}.",
         "",
-        "| family | model | structure | " + " | ".join(modes) + " | " + " | ".join(f"{m} + ckpt" for m in modes) + " |",
-        "|---" * (3 + 2 * len(modes)) + "|",
+        *margin(built),
+        "",
+        "| family | model | structure | measured error | " + " | ".join(modes) + " | "
+        + " | ".join(f"{m} + ckpt" for m in modes) + " |",
+        "|---" * (4 + 2 * len(modes)) + "|",
     ]
     for family, row in built.items():
         cells = [_cell(row[m, c]) for c in (False, True) for m in modes]
-        lines.append(f"| {family} | {row['class']} | {row['structure']} | " + " | ".join(cells) + " |")
+        errors = _error_cell(row.get("errors", {}))
+        lines.append(f"| {family} | {row['class']} | {row['structure']} | {errors} | " + " | ".join(cells) + " |")
     not_built = {f: r["not built"] for f, r in rows.items() if "not built" in r}
     lines += ["", f"## Not built ({len(not_built)})", "", "| family | why |", "|---|---|"]
     lines += [f"| {f} | {_short(why, 160)} |" for f, why in not_built.items()]

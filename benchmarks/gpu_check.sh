@@ -17,7 +17,7 @@
 #                    memory, Liger and CCE where they install; then inside a training step: fp32 master weight under
 #                    bf16 autocast (bench_loss.py, bench_loss.py --autocast)
 #   3 probe      45  rrhf_fast.probe.plan under bf16 autocast on the 1B Llama shape, and SmolLM2 where it is prepared:
-#                    the plan and its cost in training steps (bench_probe.py)
+#                    the plan and its cost in training steps (bench_probe_cost.py)
 #   4 step      150  a training step of the 1B Llama shape at P = 512, R = 128, k = 4, 8 and 32 groups, and 32
 #                    under gradient checkpointing (bench_step.py); the body alone, SDPA's dense mask against FlexAttention
 #                    against the kv-cache, and flash-attn where it is installed (bench_prefix.py)
@@ -182,7 +182,7 @@ if wanted 2; then
 fi
 if wanted 3; then
     stage 3 probe 45 probe
-    step 45 "$PY" benchmarks/bench_probe.py --device cuda --models "llama-1b,$HOME/.cache/rrhf_fast/smollm2-135m-instruct" \
+    step 45 "$PY" benchmarks/bench_probe_cost.py --device cuda --models "llama-1b,$HOME/.cache/rrhf_fast/smollm2-135m-instruct" \
         --prompt-len 512 --response-len 128 -k 4 --groups 2 --steps 3 --out "$RESULTS" "${DRY[@]}"
     finish
 fi

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import bench_fsdp
-import bench_probe
+import bench_probe_cost
 import gpu_summary
 import report
 from rrhf_fast.prefix import MODES
@@ -64,7 +64,7 @@ def test_loss_sample_and_fsdp_summaries_state_their_goals(tmp_path):
 
 
 def test_probe_driver_reads_the_plan_and_times_it(tmp_path):
-    path = bench_probe.main(["--dry-run", "--models", "tiny", "--groups", "1", "--out", str(tmp_path)])
+    path = bench_probe_cost.main(["--dry-run", "--models", "tiny", "--groups", "1", "--out", str(tmp_path)])
     with open(path.with_suffix(".csv"), newline="") as f:
         (row,) = csv.DictReader(f)
     assert row["plan mode"] in MODES and row["plan head"] in ("fused", "logits")

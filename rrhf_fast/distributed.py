@@ -193,33 +193,30 @@ def wrap(model, world: World, *, mode: str, loss_options: dict, bf16: bool = Fal
     return module
 
 
-def probe_on_rank0(model, batch, world: World, *, mode: str, loss_options: dict, bf16: bool = False):
+def probe_on_rank0(model, batch, world: World, *, mode: str):
     """Under FSDP2, before wrap: rank 0 runs rrhf_fast.probe's exactness check on its real weights (the other ranks
-    may hold a meta model, and the probe's per-parameter gradients cannot be taken through shards), and every rank
-    caches rank 0's verdict for its model, so model_loss runs the same path everywhere (bf16: for the bf16 compute
-    of wrap(..., bf16=True) too, probed in float32 before the cast). A ValueError of the probe
-    (an explicit mode that fails) is raised on every rank. Returns rank 0's Plan; a no-op (None) without FSDP2,
-    where model_loss probes on first use."""
+    may hold a meta model, and the check's per-parameter gradients cannot be taken through shards), and every rank
+    caches rank 0's verdict for its model, so model_loss runs the same path everywhere (the verdict does not depend
+    on the dtype, so it holds for the bf16 compute of wrap(..., bf16=True) too). A ValueError of the check (an
+    explicit mode that fails) is raised on every rank. Returns rank 0's Plan; a no-op (None) without FSDP2, where
+    model_loss checks on first use."""
     if not world.fsdp:
         return None
     from rrhf_fast import probe
 
-    verdict = dtype = None
+    verdict = None
     if world.is_main:
-        dtype = probe.compute_dtype(model)
         try:
-            verdict = probe.plan(model, batch.to(next(model.parameters()).device), mode, **loss_options)
+            verdict = probe.plan(model, batch.to(next(model.parameters()).device), mode)
         except ValueError as err:
             verdict = err
-    box = [verdict, dtype]
+    box = [verdict]
     torch.distributed.broadcast_object_list(box, src=0)
-    verdict, dtype = box
+    verdict = box[0]
     if isinstance(verdict, ValueError):
         raise verdict
-    if not world.is_main:  # keyed on rank 0's dtype: a meta model has no autocast state to read
-        probe.adopt(model, verdict, mode, dtype=dtype, **loss_options)
-    if bf16:  # inside a unit's forward its parameters are the gathered bf16 copies, which the plan is keyed on
-        probe.adopt(model, verdict, mode, dtype=torch.bfloat16, **loss_options)
+    if not world.is_main:
+        probe.adopt(model, verdict, mode, batch)
     return verdict
 
 

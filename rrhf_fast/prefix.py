@@ -51,7 +51,7 @@ _LOGIT_SOFTCAPS = ("final_logit_softcapping", "logit_softcap", "logits_soft_cap"
 _LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
 
 
-def _transformers_model(model) -> torch.nn.Module:
+def transformers_model(model) -> torch.nn.Module:
     """The transformers model: a peft PeftModel's `base_model` is its tuner, whose forward runs the whole causal LM;
     the model inside (`get_base_model()`) holds the adapter layers in place, so running it runs them."""
     if callable(getattr(model, "get_base_model", None)):
@@ -59,19 +59,19 @@ def _transformers_model(model) -> torch.nn.Module:
     return model
 
 
-def _body(model) -> torch.nn.Module:
+def body(model) -> torch.nn.Module:
     """The decoder stack without the LM head; its last_hidden_state already has the final norm applied.
 
     Usually `model.base_model`. Some causal LMs name themselves as their base model (Llama4ForCausalLM, whose
     base_model_prefix names a multimodal wrapper's attribute): then the body is the one child that is itself a
     transformers model (`model.model` there)."""
-    model = _transformers_model(model)
+    model = transformers_model(model)
     if model.get_output_embeddings() is None:
         raise ValueError(
             f"{type(model).__name__} has no LM head: pass the causal LM (e.g. AutoModelForCausalLM), not its base model"
         )
-    body = model.base_model
-    if body is model:
+    decoder = model.base_model
+    if decoder is model:
         head = model.get_output_embeddings()
         inner = [m for m in model.children() if m is not head and hasattr(m, "config") and hasattr(m, "get_input_embeddings")]
         if len(inner) != 1:
@@ -79,8 +79,8 @@ def _body(model) -> torch.nn.Module:
                 f"{type(model).__name__} is its own base_model and holds {len(inner)} transformers models, so its "
                 "decoder body cannot be told apart; pass a causal LM whose base_model is the decoder stack"
             )
-        body = inner[0]
-    return body
+        decoder = inner[0]
+    return decoder
 
 
 _ARGUMENTS: dict[type, frozenset] = {}
@@ -112,7 +112,7 @@ def head_problem(model) -> str | None:
     """Why the model's logits are not `hidden @ W^T + b` of its final hidden state by its config and head (a
     softcap, a scale other than 1, a padded vocabulary cut off, an output head that is no torch.nn.Linear), as a
     clause ("its logits use logits_soft_cap=30.0"), or None. The probe catches what this does not read."""
-    config = _text_config(model)
+    config = text_config(model)
     for owner in (config, model):
         for name in _LOGIT_SOFTCAPS + _LOGIT_SCALES:
             value = getattr(owner, name, None)
@@ -141,22 +141,22 @@ def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias
 
 
-def _attn_implementation(model) -> str:
+def attn_implementation(model) -> str:
     return getattr(model.config, "_attn_implementation", None) or "eager"
 
 
 def _packed_positions_problem(model) -> str | None:
     """Why the packed layout's positions cannot reach this model, or None when they can: it takes its positions
     from `position_ids` (rotary or learned absolute embeddings), not from the 2-D padding mask (ALiBi)."""
-    body = _body(model)
-    if "position_ids" not in inspect.signature(body.forward).parameters:
-        return f"{type(body).__name__}.forward takes no position_ids"
+    decoder = body(model)
+    if "position_ids" not in inspect.signature(decoder.forward).parameters:
+        return f"{type(decoder).__name__}.forward takes no position_ids"
     if getattr(model.config, "alibi", False):
         return "its ALiBi biases are built from a 2-D padding mask, not from position_ids"
     return None
 
 
-def _is_checkpointing(model) -> bool:
+def is_checkpointing(model) -> bool:
     # Read the layers' flag: the model-level property was renamed across transformers 5 releases.
     return model.training and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
@@ -187,7 +187,7 @@ _ENCODER_TOWERS = re.compile(r"vision|visual|image|audio|speech|patch", re.I)
 
 
 # Config fields that bound how far back a token attends: sliding windows under several names (GPT-Neo's local
-# layers hold window_size), Llama 4's attention chunks, DeepSeek-V3.2-style learned top-k keys.
+# layers hold window_size), Llama 4's attention chunks.
 WINDOW_FIELDS = (
     "sliding_window",
     "window_size",
@@ -195,20 +195,73 @@ WINDOW_FIELDS = (
     "attention_window",
     "local_window_size",
     "attention_chunk_size",
-    "index_topk",
-    "topk_tokens",
 )
+# Config fields of learned key selection (DeepSeek-V3.2-style indexers): the keys a query keeps, as a count, or as a
+# count of blocks of a block size.
+SELECTION_FIELDS = ("index_topk", "topk_tokens")
+SELECTION_BLOCK_FIELDS = (("index_topk_blocks", "index_block_size"), ("sparse_topk_blocks", "sparse_block_size"))
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def declared_window(model) -> int | None:
-    """The shortest window, chunk or top-k the model's config declares, or None."""
-    config = _text_config(model)
-    values = [getattr(config, name, None) for name in WINDOW_FIELDS]
-    values = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    """The shortest window or attention chunk the model's config declares, or None."""
+    config = text_config(model)
+    values = [v for v in (getattr(config, name, None) for name in WINDOW_FIELDS) if _positive_int(v)]
     return min(values) if values else None
 
 
-def _text_config(model):
+def selection_capacity(model) -> tuple[int, str] | None:
+    """(keys, what): how many keys a learned top-k selection keeps per query, and the config fields that say so;
+    None for a model without one."""
+    config = text_config(model)
+    found = [(getattr(config, name), name) for name in SELECTION_FIELDS if _positive_int(getattr(config, name, None))]
+    for blocks, size in SELECTION_BLOCK_FIELDS:
+        b, n = getattr(config, blocks, None), getattr(config, size, None)
+        if _positive_int(b) and _positive_int(n):
+            found.append((b * n, f"{blocks}={b} x {size}={n}"))
+    if not found:
+        return None
+    keys, name = min(found)
+    return keys, name if "=" in name else f"{name}={keys}"
+
+
+def widest_row(batch: PackedBatch, mode: str) -> int:
+    """The most keys one attention row holds in `mode`: the packed rows' width, a prompt and candidate padded to
+    the batch's longest of each (kv-cache), the longest prompt + candidate (none, per-candidate)."""
+    lengths = batch.prompt_lengths[torch.repeat_interleave(batch.cu_groups.diff())] + batch.candidate_lengths
+    if mode == "packed":
+        return int(batch.input_ids.shape[1])
+    if mode == "kv-cache":
+        return int(batch.prompt_lengths.max() + batch.candidate_lengths.max())
+    return int(lengths.max())
+
+
+def selection_problem(model, batch: PackedBatch | None, mode: str) -> str | None:
+    """Why a learned top-k key selection makes `mode` differ from one candidate a forward on this batch, or None.
+
+    Such a layer (AXK2, DeepSeek-V3.2, GLM-5: an indexer scores every key of the row and keeps the top k) keeps
+    every key of a row that holds no more than k keys, and is then plain attention. Past k it chooses among the
+    keys of the row it is in, and how it breaks ties between equal scores (a ReLU gives many exact zeros) depends on
+    the row's width: another row, even with every extra key masked, keeps other keys (measured: 8e-2 relative on
+    the hidden states of a tiny AXK2 for one right-padded sequence in six). So a mode is exact here only while its
+    widest row fits the selection; per-candidate (the reference: each candidate alone) always is."""
+    capacity = selection_capacity(model)
+    if capacity is None or batch is None or mode == "per-candidate":
+        return None
+    keys, what = capacity
+    width = widest_row(batch, mode)
+    if width <= keys:
+        return None
+    return (
+        f'mode="{mode}" puts up to {width} keys in a row, but {type(model).__name__} keeps the top {keys} of a row '
+        f"({what}) by learned scores, and which keys it keeps past that depends on the row's other tokens."
+    )
+
+
+def text_config(model):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -227,7 +280,7 @@ def sequence_state(model) -> str | None:
 
 
 def _find_sequence_state(model) -> str | None:
-    config = _text_config(model)
+    config = text_config(model)
     for name in _LAYER_LISTS:
         kinds = getattr(config, name, None)
         kinds = list(kinds) if isinstance(kinds, (list, tuple)) else []
@@ -236,7 +289,7 @@ def _find_sequence_state(model) -> str | None:
             return f"its config lists {', '.join(map(repr, stateful))} layers ({name})"
     if isinstance(getattr(config, "hybrid_override_pattern", None), str) and "M" in config.hybrid_override_pattern:
         return f"its config lists Mamba layers (hybrid_override_pattern={config.hybrid_override_pattern!r})"
-    for name, module in _body(model).named_modules():
+    for name, module in body(model).named_modules():
         if _ENCODER_TOWERS.search(name):
             continue
         if isinstance(module, torch.nn.Conv1d) and module.kernel_size[0] > 1:
@@ -246,13 +299,14 @@ def _find_sequence_state(model) -> str | None:
     return None
 
 
-def candidate_modes(model) -> list[str]:
-    """The modes that can run on this model as it is now, best first: the order "auto" tries them in (see
-    resolve_mode). "per-candidate" is always last and always possible."""
-    impl = _attn_implementation(model)
+def candidate_modes(model, batch: PackedBatch | None = None) -> list[str]:
+    """The modes that can run on this model as it is now (and on `batch`, where a learned top-k selection makes
+    the batch's widths matter: selection_problem), best first: the order "auto" tries them in (see resolve_mode).
+    "per-candidate" is always last and always possible."""
+    impl = attn_implementation(model)
     mask_ok = impl in _PACKED_MASK_IMPLEMENTATIONS and (impl != "flex_attention" or model.device.type == "cuda")
     packed_ok = mask_ok and _packed_positions_problem(model) is None and sequence_state(model) is None
-    checkpointing = _is_checkpointing(model)
+    checkpointing = is_checkpointing(model)
     modes = []
     if packed_ok and (checkpointing or model.device.type == "cuda"):
         modes.append("packed")
@@ -260,10 +314,10 @@ def candidate_modes(model) -> list[str]:
         modes.append("kv-cache")
     if packed_ok and "packed" not in modes:
         modes.append("packed")
-    return modes + ["none", "per-candidate"]
+    return [m for m in modes + ["none"] if selection_problem(model, batch, m) is None] + ["per-candidate"]
 
 
-def resolve_mode(model, mode: str = "auto") -> str:
+def resolve_mode(model, mode: str = "auto", batch: PackedBatch | None = None) -> str:
     """The mode prefix_forward will run, or a ValueError naming the mode to use instead.
 
     "auto" picks "packed" on CUDA and under gradient checkpointing (which "kv-cache" cannot run under), else
@@ -276,23 +330,25 @@ def resolve_mode(model, mode: str = "auto") -> str:
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    modes = candidate_modes(model)
+    modes = candidate_modes(model, batch)
     if mode == "auto":
         return modes[0]
-    problem = refusal(model, mode)
+    problem = refusal(model, mode, batch)
     if problem is not None:
         # A state along the sequence rarely has a cache that can be repeated over candidates; right padding, which
         # comes after every real token, cannot reach it.
-        instead = "none" if sequence_state(model) is not None else modes[0]
+        instead = "none" if sequence_state(model) is not None and "none" in modes else modes[0]
         raise ValueError(f'{problem} Use mode="{instead}".')
     return mode
 
 
-def refusal(model, mode: str) -> str | None:
-    """Why `mode` cannot run on this model as it is now (one sentence, without the mode to use instead), or None
-    when it can."""
-    if mode in candidate_modes(model):
+def refusal(model, mode: str, batch: PackedBatch | None = None) -> str | None:
+    """Why `mode` cannot run on this model as it is now, or on `batch` (one sentence, without the mode to use
+    instead), or None when it can."""
+    if mode in candidate_modes(model, batch):
         return None
+    if (selection := selection_problem(model, batch, mode)) is not None:
+        return selection
     if mode == "kv-cache":
         return (
             'mode="kv-cache" cannot run under gradient checkpointing: transformers drops the cache inside checkpointed '
@@ -309,7 +365,7 @@ def refusal(model, mode: str) -> str | None:
             f'mode="packed" restarts the position ids of every candidate, but {type(model).__name__} cannot take '
             f"them: {positions_problem}."
         )
-    impl = _attn_implementation(model)
+    impl = attn_implementation(model)
     where = f" on {model.device.type}" if impl == "flex_attention" else ""
     return (
         f'mode="packed" needs attention that takes a prepared mask (sdpa, eager, or flex_attention on CUDA); this '
@@ -355,7 +411,7 @@ def _packed_mask_argument(model, batch: PackedBatch):
     and sliding-window layers (transformers takes such a dict as the prepared masks of each layer type, and looks
     up every type the config lists: each that is not "sliding_attention" gets the full mask, and the probe judges
     whether that is right for it)."""
-    impl = _attn_implementation(model)
+    impl = attn_implementation(model)
     dtype = model.get_input_embeddings().weight.dtype
     full = packed_attention_mask(batch, impl, dtype)
     window, mixed = _sliding_windows(model.config)
@@ -377,10 +433,10 @@ def _run(model, head: str, needed: torch.Tensor, **inputs):
     The logits are asked for only at the needed columns (`logits_to_keep` as an index tensor, where the forward
     takes it): [B, columns, V] rather than [B, T, V]."""
     if head == "fused":
-        out = _call(_body(model), **inputs)
+        out = _call(body(model), **inputs)
         states = out.last_hidden_state
     else:
-        lm = _transformers_model(model)
+        lm = transformers_model(model)
         width = inputs["input_ids"].shape[1]
         if _takes(lm, "logits_to_keep"):
             columns = torch.unique(needed % width)  # sorted
@@ -405,7 +461,7 @@ def _forward_packed(model, batch: PackedBatch, head: str) -> torch.Tensor:
     return rows
 
 
-def _candidate_lists(batch: PackedBatch):
+def candidate_lists(batch: PackedBatch):
     """Python-side bounds: for every group its prompt ids [P], the range of its candidates, and every candidate's
     ids."""
     flat_ids = batch.input_ids.reshape(-1)
@@ -466,7 +522,7 @@ def _forward_kv_cache(model, batch: PackedBatch, head: str) -> torch.Tensor:
         # keeps only the last window - 1 of them; a model without position_ids takes its positions from the cache
         # length; a recurrent state would run over the prompt's padding: run each group on its own, with no gap.
         return _forward_kv_cache_per_group(model, batch, head)
-    prompts, cu_groups, cands = _candidate_lists(batch)
+    prompts, cu_groups, cands = candidate_lists(batch)
     num_groups, num_cands, device = len(prompts), len(cands), batch.targets.device
 
     prompt_ids = _right_padded(prompts, batch.pad_token_id)  # [G, P_max]
@@ -511,7 +567,7 @@ def _forward_kv_cache(model, batch: PackedBatch, head: str) -> torch.Tensor:
 
 def _forward_kv_cache_per_group(model, batch: PackedBatch, head: str) -> torch.Tensor:
     """kv-cache one group at a time: the prompt [1, P], the cache repeated k times, the candidates [k, R]."""
-    prompts, cu_groups, cands = _candidate_lists(batch)
+    prompts, cu_groups, cands = candidate_lists(batch)
     device, pieces = batch.targets.device, []
     for g, prompt in enumerate(prompts):
         group = cands[cu_groups[g] : cu_groups[g + 1]]
@@ -541,7 +597,7 @@ def _forward_kv_cache_per_group(model, batch: PackedBatch, head: str) -> torch.T
 
 def _sequences(batch: PackedBatch):
     """Every candidate after its prompt: (ids [P + L], P) in targets order."""
-    prompts, cu_groups, cands = _candidate_lists(batch)
+    prompts, cu_groups, cands = candidate_lists(batch)
     return [
         (torch.cat([prompt, cands[c]]), prompt.numel())
         for g, prompt in enumerate(prompts)
@@ -566,7 +622,8 @@ def _forward_per_candidate(model, batch: PackedBatch, head: str) -> torch.Tensor
     return torch.cat(pieces)
 
 
-_FORWARDS = {
+# Each mode's forward, as it is: no check that the mode can run on the model (prefix_forward makes that first).
+FORWARDS = {
     "packed": _forward_packed,
     "kv-cache": _forward_kv_cache,
     "none": _forward_none,
@@ -586,10 +643,10 @@ def prefix_forward(model, batch: PackedBatch, mode: str = "auto", head: str = "f
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    mode = resolve_mode(model, mode)
+    mode = resolve_mode(model, mode, batch)
     batch = batch.to(model.device)
     check_vocabulary(batch, model.get_input_embeddings().num_embeddings)
-    return _FORWARDS[mode](model, batch, head)
+    return FORWARDS[mode](model, batch, head)
 
 
 def batch_loss(model, batch: PackedBatch, mode: str, head: str, **loss_options):
@@ -608,11 +665,11 @@ def batch_loss(model, batch: PackedBatch, mode: str, head: str, **loss_options):
 
 def model_loss(model, batch: PackedBatch, *, mode: str = "auto", **loss_options):
     """The RRHF loss of `model` on `batch`, through the mode and head that rrhf_fast.probe found exact on this model
-    (the probe runs at the first call for a model, mode, dtype and checkpointing setting, on a short batch cut from
-    this one; an explicit mode that fails it raises ValueError naming the mode that passed). loss_options go to
-    rrhf_loss (length_penalty, rank_weight, sft_weight, margin, sft_reduction, backend). Returns rrhf_loss's output
-    (loss, rank_loss, sft_loss, scores)."""
+    (the check runs at the first call for a model, mode, checkpointing setting and set of trainable parameters, on a
+    short batch cut from this one, gradients included where gradients are enabled; an explicit mode that fails it
+    raises ValueError naming the mode that passed). loss_options go to rrhf_loss (length_penalty, rank_weight,
+    sft_weight, margin, sft_reduction, backend). Returns rrhf_loss's output (loss, rank_loss, sft_loss, scores)."""
     from rrhf_fast import probe  # probe runs this module's forwards
 
-    plan = probe.plan(model, batch, mode, **loss_options)
+    plan = probe.plan(model, batch, mode, gradients=torch.is_grad_enabled())
     return batch_loss(model, batch, plan.mode, plan.head, **loss_options)

@@ -272,34 +272,33 @@ def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world, first_ba
     if world.fsdp:  # the other ranks' weights are not there until wrap: rank 0 probes, every rank takes its plan
         t0 = time.time()
         with bad_input("--prefix-mode: "):
-            chosen = distributed.probe_on_rank0(model, first_batch, world, mode=cfg.prefix_mode,
-                                                loss_options=loss_options, bf16=cfg.bf16)  # fmt: skip
+            chosen = distributed.probe_on_rank0(model, first_batch, world, mode=cfg.prefix_mode)
         plan = (chosen, time.time() - t0)
     else:
         model.to(world.device)
-        plan = plan_prefix_mode(model, first_batch.to(world.device), cfg, world, loss_options)
+        plan = plan_prefix_mode(model, first_batch.to(world.device), cfg, world)
     with bad_input():
         train_module = distributed.wrap(model, world, mode=cfg.prefix_mode, loss_options=loss_options,
                                         bf16=cfg.bf16 and cfg.fsdp, cpu_offload=cfg.cpu_offload)  # fmt: skip
     return model, train_module, loss_options, plan
 
 
-def plan_prefix_mode(model, batch, cfg: TrainConfig, world, loss_options: dict):
-    """The probe of issue 13 on the first training micro-batch: rrhf_fast.probe.plan checks the fused head and
-    --prefix-mode against every candidate re-encoded alone through the model's own logits, and caches the plan on
-    the model, so that the wrapped forward's model_loss runs it without probing again. It runs in the training
-    dtype (the same autocast as the loop: the dtype is part of the cache key and sets the tolerance). An explicit
-    mode that fails is exit 2 naming the mode that passed; a plan other than the one asked for (auto falling back,
-    or the model's own logits instead of the fused head) is said once here.
+def plan_prefix_mode(model, batch, cfg: TrainConfig, world):
+    """The exactness check on the first training micro-batch: rrhf_fast.probe.plan checks the fused head and
+    --prefix-mode against every candidate re-encoded alone through the model's own logits (on a float64 twin of the
+    model, so the verdict is the same whatever --bf16 says), and caches the plan on the model, so that the wrapped
+    forward's model_loss runs it without checking again. An explicit mode that fails is exit 2 naming the mode that
+    passed; a plan other than the one asked for (auto falling back, or the model's own logits instead of the fused
+    head) is said once here.
 
-    Returns (the Plan, seconds the probe took)."""
+    Returns (the Plan, seconds the check took)."""
     from rrhf_fast import probe
 
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # probe.plan's own warning: said below as one line of this command's
         with bad_input("--prefix-mode: "), bf16_autocast(world.device, cfg.bf16 and not cfg.fsdp):
-            plan = probe.plan(model, batch, cfg.prefix_mode, **loss_options)
+            plan = probe.plan(model, batch, cfg.prefix_mode)
     if plan.reason:
         head = "the fused LM head" if plan.head == "fused" else "the model's own logits"
         say(world, f"{PROG}: warning: --prefix-mode {cfg.prefix_mode}: {type(model).__name__} trains with mode "

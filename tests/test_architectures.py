@@ -107,3 +107,19 @@ def test_one_layer_of_each_kind():
     assert sorted(set(config.layer_types)) == ["full_attention", "linear_attention"]
     assert config.num_hidden_layers == len(config.layer_types) == 2
     assert tiny_models.tiny_config("lfm2").layer_types == ["conv", "full_attention"]
+
+
+@pytest.mark.parametrize("family", sorted(REPRESENTATIVE))
+def test_rounding_and_structure_are_far_from_the_bound(family):
+    """Every path the check measures on the family (the fused head, packed, kv-cache and none, each run as it is,
+    even where the check leaves it out by construction) is off by less than 1/100 of probe.TOLERANCE or by more than
+    100 times it: no error sits near the bound, on either side."""
+    from rrhf_fast import probe
+    from rrhf_fast.batch import pack_batch
+
+    status, value = model_and_reference(family, False)
+    assert status == "ok", value
+    model, groups, _ = value
+    errors = {path: err for path, (err, _) in probe.path_errors(model, pack_batch(*groups)).items() if not path.startswith("twin")}
+    near = {path: err for path, err in errors.items() if probe.TOLERANCE / 100 < err < 100 * probe.TOLERANCE}
+    assert not near, errors

@@ -6,6 +6,7 @@ Every expected value is the loss and parameter gradients of each candidate after
 through the model's own forward(...).logits (rrhf_fast.reference), on tiny random float64 models; 1e-6 relative.
 """
 
+import contextlib
 import functools
 import warnings
 
@@ -24,7 +25,7 @@ from transformers import (
     MambaForCausalLM,
 )
 
-from rrhf_fast import probe, reference
+from rrhf_fast import prefix, probe, reference
 from rrhf_fast.batch import pack_batch
 from rrhf_fast.prefix import model_loss, resolve_mode, sequence_state
 from test_prefix import VOCAB, make_model, one_thread, random_groups  # noqa: F401  (one_thread: an autouse fixture)
@@ -177,14 +178,21 @@ def test_plain_llama_passes_in_every_mode_and_is_left_untouched(mode):
 
 
 def test_the_probe_runs_once_per_model_and_mode(monkeypatch):
+    """Cached per model and mode, and per set of trainable parameters; not per dtype (the check runs in float64
+    whatever the model computes in); a plan checked with gradients serves scoring under no_grad, not the reverse."""
     model, batch, calls = llama(), real_batch(), []
     run = probe.run_probe
-    monkeypatch.setattr(probe, "run_probe", lambda *a, **k: calls.append(a[2]) or run(*a, **k))
+    monkeypatch.setattr(probe, "run_probe", lambda *a, **k: calls.append((a[2], k["gradients"])) or run(*a, **k))
     for seed in range(3):
         model_loss(model, real_batch(seed), **LOSS_OPTIONS)
+    with torch.no_grad():
+        model_loss(model, batch, **LOSS_OPTIONS)
+        model_loss(model, batch, mode="none", **LOSS_OPTIONS)
     model_loss(model, batch, mode="none", **LOSS_OPTIONS)
-    model_loss(model.float(), batch, mode="none", **LOSS_OPTIONS)  # another dtype: probed again
-    assert calls == ["auto", "none", "none"]
+    model_loss(model.float(), batch, mode="none", **LOSS_OPTIONS)  # another dtype: the same verdict
+    model.model.embed_tokens.weight.requires_grad_(False)
+    model_loss(model, batch, mode="none", **LOSS_OPTIONS)  # other trainable parameters: checked again
+    assert calls == [("auto", True), ("none", False), ("none", True), ("none", True)]
 
 
 def test_probe_batch_is_cut_from_the_real_tokens_and_crosses_the_windows():
@@ -312,7 +320,7 @@ def test_a_path_that_raises_inside_the_model_is_a_verdict_not_a_crash(monkeypatc
     def raising(model, batch, head):
         raise error
 
-    monkeypatch.setitem(prefix._FORWARDS, "kv-cache", raising)
+    monkeypatch.setitem(prefix.FORWARDS, "kv-cache", raising)
     model, batch = llama(), real_batch(8)
     with pytest.warns(UserWarning, match=f'runs mode="packed".*kv-cache" is not exact: it failed with {type(error).__name__}'):
         plan = probe.plan(model, batch, **LOSS_OPTIONS)
@@ -341,3 +349,126 @@ def test_kv_cache_refusal_for_a_forward_that_returns_no_cache():
 
     with pytest.raises(ValueError, match=r'LlamaForCausalLM returned no cache from its prompt forward\. Use mode="none"'):
         prefix._repeatable_cache(llama(), None)
+
+
+# The float64 twin, the verdict's independence of the dtype, learned top-k selection
+
+
+def deep_llama(layers=5, **config):
+    torch.manual_seed(0)
+    small = {**SMALL, "num_hidden_layers": layers}
+    model = LlamaForCausalLM(LlamaConfig(**small, intermediate_size=48, **config))
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def test_twin_keeps_one_layer_of_each_kind_and_matches_the_model():
+    """A plain Llama of 5 layers keeps 2; with a layer type first seen at layer 3 it keeps 4; the twin is float64,
+    holds that many layers, leaves the model whole, and its last layer's output is the model's own."""
+    model = deep_llama()
+    assert probe.layers_to_keep(model) == 2
+    mixed = deep_llama(sliding_window=4, layer_types=["full_attention"] * 3 + ["sliding_attention"] * 2)
+    assert probe.layers_to_keep(mixed) == 4
+    small = probe.probe_batch(real_batch(), 8)
+    twin, holds, err = probe.float64_twin(model, small)
+    assert holds == "2 of 5 layers" and len(twin.model.layers) == 2 and twin.config.num_hidden_layers == 2
+    assert len(model.model.layers) == 5 and model.config.num_hidden_layers == 5
+    assert {p.dtype for p in twin.parameters()} == {torch.float64}
+    assert err <= 1e-5  # float32 against float64 after two layers
+
+
+def test_twin_that_does_not_match_holds_every_layer(monkeypatch):
+    """Where the cut copy's output differs from the model's own (here: the check's layer lookup sees another
+    layer), the twin is the whole model."""
+    model = deep_llama()
+    layer_output = probe._layer_output
+    monkeypatch.setattr(probe, "_layer_output", lambda m, i, ids: layer_output(m, i + (m is model), ids))
+    twin, holds, _ = probe.float64_twin(model, probe.probe_batch(real_batch(), 8))
+    assert holds == "every layer" and len(twin.model.layers) == 5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_the_verdict_does_not_depend_on_the_dtype(dtype):
+    """An exact path passes in float32, under bfloat16 autocast and in float16 (the check runs on the float64 twin);
+    a padding-sensitive model fails in each by far more than the bound."""
+    for build, expected in ((deep_llama, "kv-cache"), (padding_sensitive, "per-candidate")):
+        model = build() if build is deep_llama else build().float()
+        model = model.half() if dtype == "float16" else model
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+        with context, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = probe.run_probe(model, real_batch(10))
+        assert plan.mode == expected and plan.head == "fused", plan
+        errors = dict(plan.errors)
+        if expected == "kv-cache":
+            assert errors["kv-cache"] <= probe.TOLERANCE / 100
+        else:
+            assert min(errors[m] for m in ("kv-cache", "packed", "none")) >= 100 * probe.TOLERANCE
+
+
+def test_scoring_under_no_grad_compares_the_states_alone(monkeypatch):
+    """model_loss under no_grad checks without gradients: a learnable logit scale at 1 leaves the logits equal, so
+    scoring keeps the fused head; training (gradients on) does not."""
+    model, batch, calls = patched(ScaledLlama), real_batch(11), []
+    run = probe.run_probe
+    monkeypatch.setattr(probe, "run_probe", lambda *a, **k: calls.append(k["gradients"]) or run(*a, **k))
+    with torch.no_grad():
+        scores = model_loss(model, batch).scores
+        assert probe.plan(model, batch, gradients=False).head == "fused"
+    with pytest.warns(UserWarning, match="logit_scale_param"):
+        assert probe.plan(model, batch).head == "logits"
+    assert calls == [False, True]
+    with torch.no_grad():  # the same scores as the model's own logits
+        logits = prefix.prefix_forward(model, batch, "per-candidate", head="logits")
+    expected = reference.rrhf_loss_from_logits(logits, batch.targets, batch.cu_seqlens, batch.rewards, batch.cu_groups).scores
+    torch.testing.assert_close(scores, expected, rtol=1e-10, atol=0)
+
+
+def test_a_softcap_is_caught_where_the_logits_are_small():
+    """Random weights give logits of ~0.1, where tanh(z / 30) * 30 = z to 1e-6: the head is compared at states
+    scaled up to logits of 100 too, where the cap bends them, with nothing in the config to say so."""
+
+    class Capped30(SoftcappedLlama):
+        cap = 30.0
+
+    model, batch = patched(Capped30), real_batch(12)
+    with torch.no_grad():
+        assert model(batch.input_ids[:1]).logits.abs().max() < 1
+    with pytest.warns(UserWarning, match="model's own logits"):
+        assert probe.plan(model, batch).head == "logits"
+
+
+def axk2(index_topk):
+    import tiny_models
+
+    config = tiny_models.tiny_config("axk2")
+    config.index_topk = index_topk
+    config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config).double().eval()
+
+
+def test_learned_top_k_selection_shares_the_prompt_only_while_it_keeps_every_key():
+    """AXK2 keeps the top index_topk keys of a row by learned scores, with ties broken by the row's width: within
+    the top-k every mode is plain attention and exact; past it every mode but per-candidate is refused, the same way
+    under auto and when asked for, and the explicit refusal names per-candidate."""
+    batch = real_batch(13)
+    wide = axk2(index_topk=256)
+    assert probe.plan(wide, batch, **LOSS_OPTIONS).mode == resolve_mode(wide, "auto", batch)
+    for mode in ("packed", "kv-cache", "none"):
+        assert_exact(through_model_loss(wide, batch, mode), reencoded(wide, batch))
+    narrow = axk2(index_topk=4)
+    assert prefix_modes(narrow, batch) == ["per-candidate"]
+    assert probe.plan(narrow, batch, **LOSS_OPTIONS).mode == "per-candidate"
+    for mode in ("packed", "kv-cache", "none"):
+        with pytest.raises(ValueError, match=rf'mode="{mode}" puts up to \d+ keys in a row.*mode="per-candidate" passes'):
+            model_loss(narrow, batch, mode=mode, **LOSS_OPTIONS)
+    assert_exact(through_model_loss(narrow, batch), reencoded(narrow, batch))
+
+
+def prefix_modes(model, batch):
+    from rrhf_fast.prefix import candidate_modes
+
+    return candidate_modes(model, batch)

@@ -553,7 +553,7 @@ def test_shortened_default_run_raises_held_out_ranking_accuracy(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The exactness probe (issue 13) in the trainer
+# The exactness probe in the trainer
 
 PROBE_DATA = [
     {"query": "12+7=", "responses": ["19", "18", "1"], "scores": [1.0, 0.5, 0.0]},
