@@ -16,7 +16,10 @@ float16:
   restart; a kv-cache that lets candidates see their prompt's padding; a final norm that sees the whole row; a
   sliding window of 8 that the packed mask leaves out), on the first batch;
 - with --full-twin N: the same rounding errors on a float64 copy of every layer, on the first N batches (the twin
-  the check uses keeps the fewest layers that hold one of each kind).
+  the check uses keeps the fewest layers that hold one of each kind);
+- with --trainer-runs F,B: F runs of `python -m rrhf_fast.train` in float32 and B under --bf16, each with its own
+  --seed (its own data order, so its own first batch for the check), --trainer-steps steps on a 160-question file:
+  the plan in summary.json and the check's seconds against the run's seconds a step.
 
 Writes benchmarks/results/<date>-probe-<label>-cpu.md.
 """
@@ -183,6 +186,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
     parser.add_argument("--full-twin", type=int, default=2, help="batches measured on a float64 copy of every layer")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trainer-runs", default="0,0", help="F,B: trainer runs in float32 and under --bf16")
+    parser.add_argument("--trainer-steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -233,10 +238,32 @@ def main(argv=None) -> None:
     windowed = windowed_copy(model)
     with window_left_out(windowed) as path:
         grafted["sliding window 8 left out of the packed mask"] = (path, probe.path_errors(windowed, data[0], MODES)[path][0])
-    write_table(args, rows, full, grafted, time.time() - started, load_before)
+    runs = trainer_runs(args, tmp)
+    write_table(args, rows, full, grafted, runs, time.time() - started, load_before)
 
 
-def write_table(args, rows, full, grafted, seconds, load_before) -> None:
+def trainer_runs(args, tmp: Path) -> list[dict]:
+    """The trainer's summary.json of every run asked for, with its seed and dtype."""
+    import json
+    import subprocess
+
+    fp32, bf16 = (int(n) for n in args.trainer_runs.split(","))
+    data = arithmetic_chat.write(str(tmp / "train160.jsonl"), 160)
+    runs = []
+    for i, flags in enumerate([[]] * fp32 + [["--bf16"]] * bf16):
+        seed = i if i < fp32 else i - fp32
+        out = tmp / f"run{i}"
+        command = [sys.executable, "-m", "rrhf_fast.train", "--model", args.model, "--data", data, "--output-dir",
+                   str(out), "--max-steps", str(args.trainer_steps), "--seed", str(seed), "--threads", str(args.threads),
+                   "--eval-max-examples", "4", "--save-every", "0", *flags]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True, cwd=str(tmp))
+        summary = json.loads((out / "summary.json").read_text())
+        runs.append(dict(summary, seed=seed, dtype="bfloat16" if flags else "float32"))
+        print(runs[-1]["dtype"], seed, {k: summary[k] for k in ("prefix_mode", "head", "probe_s", "train_wall_s", "steps")}, flush=True)
+    return runs
+
+
+def write_table(args, rows, full, grafted, runs, seconds, load_before) -> None:
     load_after = open("/proc/loadavg").read().split()[:3]
     rounding = max(max(s["errors"].values()) for s in rows.values())
     structural = min(err for _, err in grafted.values())
@@ -277,6 +304,19 @@ def write_table(args, rows, full, grafted, seconds, load_before) -> None:
         "|---|---|---|",
     ]
     lines += [f"| {name} | {path} | {err:.2g} |" for name, (path, err) in grafted.items()]
+    if runs:
+        lines += [
+            "",
+            f"`python -m rrhf_fast.train --model {args.model} --data <160 questions> --max-steps {args.trainer_steps} "
+            f"--seed S --threads {args.threads} [--bf16]`:",
+            "",
+            "| dtype | seed | prefix_mode | head | check s | s a step | check / step |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for run in runs:
+            step = run["train_wall_s"] / run["steps"]
+            lines.append(f"| {run['dtype']} | {run['seed']} | {run['prefix_mode']} | {run['head']} | {run['probe_s']:.2f} | "
+                         f"{step:.2f} | {run['probe_s'] / step:.2f} |")  # fmt: skip
     out = args.out or RESULTS / f"{datetime.date.today():%Y-%m-%d}-probe-{args.label}-cpu.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

@@ -12,13 +12,20 @@ candidates and pairs in Python, so that each line can be checked against the mat
 
 `rank_loss` and `sft_loss` are the unweighted means over groups of rank_g and sft_g. Everything is computed
 in the input dtype promoted to at least float32, so float64 inputs give a float64 oracle. Autograd gives the
-gradients. Argument checking lives in `rrhf_fast.loss`; these functions trust their inputs and return its
-`RRHFOutput`.
+gradients. Argument checking lives in `rrhf_fast.loss`; these functions trust their inputs. The oracle imports
+nothing of the code it checks: its output is a NamedTuple of its own, with the fields of rrhf_fast.RRHFOutput.
 """
+
+from typing import NamedTuple
 
 import torch
 
-from rrhf_fast.loss import RRHFOutput
+
+class ReferenceOutput(NamedTuple):
+    loss: torch.Tensor  # scalar: rank_weight * rank_loss + sft_weight * sft_loss
+    rank_loss: torch.Tensor  # scalar: mean over groups of the pairwise hinge sum
+    sft_loss: torch.Tensor  # scalar: mean over groups of the best candidate's negative log-likelihood
+    scores: torch.Tensor  # [C]: length-normalised log-probability of every candidate
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
@@ -41,7 +48,7 @@ def rrhf_loss_from_logprobs(
     sft_weight=1.0,
     margin=0.0,
     sft_reduction="mean",
-) -> RRHFOutput:
+) -> ReferenceOutput:
     """The RRHF loss from [N] per-token log-probabilities."""
     logp = logprobs.to(_compute_dtype(logprobs))
     bounds = cu_seqlens.tolist()
@@ -69,7 +76,7 @@ def rrhf_loss_from_logprobs(
     rank_loss = torch.stack(rank_terms).mean()
     sft_loss = torch.stack(sft_terms).mean()
     loss = rank_weight * rank_loss + sft_weight * sft_loss
-    return RRHFOutput(loss, rank_loss, sft_loss, scores)
+    return ReferenceOutput(loss, rank_loss, sft_loss, scores)
 
 
 def rrhf_loss_from_logits(
@@ -84,7 +91,7 @@ def rrhf_loss_from_logits(
     sft_weight=1.0,
     margin=0.0,
     sft_reduction="mean",
-) -> RRHFOutput:
+) -> ReferenceOutput:
     """The RRHF loss from [N, V] logits whose row n predicts targets[n]."""
     logp = token_logprobs_from_logits(logits, targets)
     return rrhf_loss_from_logprobs(
@@ -120,7 +127,7 @@ def rrhf_loss(
     sft_weight=1.0,
     margin=0.0,
     sft_reduction="mean",
-) -> RRHFOutput:
+) -> ReferenceOutput:
     """The RRHF loss from hidden states [N, D] and an LM head weight [V, D] (+ bias [V]): logits = h W^T + b."""
     return rrhf_loss_from_logits(
         _logits(hidden, weight, bias),

@@ -6,6 +6,7 @@ hidden states against the model's own logits on chat-rendered candidates, and th
 example's reward and prompts (examples/) need no model and always run.
 """
 
+import contextlib
 import json
 
 import pytest
@@ -121,6 +122,43 @@ def test_probe_plans_the_fused_head(smollm2_model, chat_file):
     assert plan.mode == resolve_mode(model, "auto")
     assert plan.mode in ("kv-cache", "packed")
     assert probe.plan(model, batch) is plan
+
+
+@smollm2
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_fast_path_holds_on_every_batch(smollm2_model, tmp_path, dtype):
+    """Four batches of arithmetic chat (one and two questions of five answers), in float32 and under bfloat16
+    autocast: every one keeps the fused head and kv-cache, each path's error far below the bound (the float32
+    rounding of the old in-dtype comparison crossed its bound on one batch in four here)."""
+    from examples import arithmetic_chat
+    from rrhf_fast import probe
+
+    model, tokenizer = smollm2_model
+    examples, _ = tokenize(read_examples(arithmetic_chat.write(str(tmp_path / "a.jsonl"), 6, seed=1)), tokenizer, 256)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    for part in (examples[0:1], examples[1:2], examples[2:4], examples[4:6]):
+        batch = pack_batch([e.prompt for e in part], [e.candidates for e in part], [e.rewards for e in part])
+        with context:
+            plan = probe.run_probe(model, batch)
+        assert (plan.mode, plan.head, plan.reason) == ("kv-cache", "fused", ""), plan
+        assert all(err <= probe.TOLERANCE / 100 for path, err in plan.errors if not path.startswith("twin")), plan
+
+
+@smollm2
+def test_the_trainer_takes_the_fast_path_under_bf16(tmp_path):
+    """`train --bf16` on the arithmetic chat file: summary.json records the fused head and a sharing mode."""
+    from examples import arithmetic_chat
+    from rrhf_fast import train
+
+    data = arithmetic_chat.write(str(tmp_path / "a.jsonl"), 4, seed=2)
+    out = tmp_path / "run"
+    argv = [
+        "--model", SMOLLM2_DIR, "--data", data, "--eval-data", data, "--eval-max-examples", "1", "--output-dir",
+        str(out), "--max-steps", "1", "--threads", "1", "--save-every", "0", "--bf16",
+    ]  # fmt: skip
+    assert train.cli(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["head"] == "fused" and summary["prefix_mode"] in ("kv-cache", "packed"), summary
 
 
 def test_brevity_reward_and_prompts():
