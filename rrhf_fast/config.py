@@ -18,6 +18,7 @@ from rrhf_fast.cli import InputError, Parser, number
 from rrhf_fast.prefix import MODES
 
 PROG = "rrhf_fast.train"
+DESCRIPTION = "RRHF training, one flat loop: `python -m rrhf_fast.train [flags]` (`--help` lists them)."
 
 # The embedded default: many short groups, where one packed pass of short rows beats a per-group loop by far, and a
 # model so small that a second CPU thread gains little and, on cores shared with other processes, costs a lot (on a
@@ -138,9 +139,7 @@ def default_text(f) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rrhf_fast import train  # its docstring is the description
-
-    p = Parser(prog=PROG, description=train.__doc__.split("\n\n")[0], epilog=TORCHRUN_HELP,
+    p = Parser(prog=PROG, description=DESCRIPTION, epilog=TORCHRUN_HELP,
                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     group = p
     for f in fields(TrainConfig):

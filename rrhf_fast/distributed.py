@@ -6,7 +6,7 @@ single-process no-op, so rrhf_fast.train has one loop for both.
     torchrun --nproc_per_node 4 -m rrhf_fast.train --model M --data D --fsdp --bf16 ...   # FSDP2 (CUDA or CPU)
     torchrun --nproc_per_node 4 -m rrhf_fast.train ... --fsdp --lora-r 16                  # LoRA, base sharded
 
-The loss head runs inside the wrapped module. `ModelLoss.forward(batch)` is rrhf_fast.prefix.model_loss: the
+The loss head runs inside the wrapped module. `ModelLoss.forward(batch)` is rrhf_fast.checked.model_loss: the
 model body and the fused loss, which reads the LM head's weight directly instead of calling the head. Wrapping
 ModelLoss (not the Hugging Face model) is what keeps that weight right: DDP's gradient hooks and FSDP2's root
 unshard both act around the wrapped module's forward, so under FSDP2 the fused kernel sees the full, unsharded
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rrhf_fast.prefix import model_loss
+from rrhf_fast.checked import model_loss
 
 
 @dataclass
@@ -119,7 +119,7 @@ def init(device: str, *, fsdp: bool, timeout_s: float) -> World:
 
 
 class ModelLoss(torch.nn.Module):
-    """forward(batch) = rrhf_fast.prefix.model_loss(model, batch, ...): the module that DDP or FSDP2 wraps.
+    """forward(batch) = rrhf_fast.checked.model_loss(model, batch, ...): the module that DDP or FSDP2 wraps.
 
     run(fn) calls fn(); under FSDP2 it is registered as a forward method of the root, so it runs inside the
     root's forward hooks: the root's parameters (embeddings, final norm, LM head) are gathered around it, as

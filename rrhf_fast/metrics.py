@@ -4,7 +4,7 @@ Ranking accuracy (the paper's Table 5): over every pair of candidates (i, j) of 
 r_i < r_j, the fraction where the model's score p_i (length-normalised log-probability, the quantity the
 RRHF loss ranks) is strictly below p_j. Ties in reward make no pair; a tie in score counts as wrong.
 
-The scores come from the path rrhf_fast.probe found exact on the model (prefix.model_loss: the probe's plan, its
+The scores come from the path rrhf_fast.probe found exact on the model (checked.model_loss: the probe's plan, its
 mode and head, "logits" being the model's own logits where the fused head is not the model's, as with a logit
 softcap or scale), so they equal a plain forward over each candidate alone on any model. Greedy answers are
 decoded in batches by rrhf_fast.generation.
@@ -14,7 +14,7 @@ import torch
 
 from rrhf_fast import generation
 from rrhf_fast.batch import pack_examples
-from rrhf_fast.prefix import model_loss
+from rrhf_fast.checked import model_loss
 
 
 def pair_accuracy(scores, rewards, cu_groups) -> tuple[int, int]:

@@ -18,13 +18,14 @@ Re-encoding costs k(P + R) tokens of the model body per group; sharing the promp
     "per-candidate"  every candidate re-encoded after its prompt alone, one forward each, unpadded: the slowest, and
                 exact for any model (nothing but the candidate and its prompt is ever in the forward).
     "auto"      "packed" under FlexAttention on CUDA or gradient checkpointing, else "kv-cache" (see resolve_mode);
-                model_loss then checks the choice on the model (rrhf_fast.probe) and falls back down candidate_modes.
+                rrhf_fast.checked.model_loss checks the choice on the model (rrhf_fast.probe) and falls back down
+                candidate_modes.
 
 Layers whose state runs along the sequence (recurrent, linear attention, short convolutions) carry one candidate's
 tokens into the next in a packed row, so "packed" is left out for them by construction (sequence_state).
 
 With head="fused" only the model body (the decoder stack, which ends in the final norm) runs: the [tokens, vocab]
-logits are never formed; the loss applies the LM head (`model_loss` passes its weight and bias to
+logits are never formed; the loss applies the LM head (`batch_loss` passes its weight and bias to
 `rrhf_fast.loss.rrhf_loss`). With head="logits" the whole causal LM runs and its own logits at the response
 positions are taken (for heads that are more than `hidden @ W^T + b`: softcaps, scales, several layers).
 """
@@ -326,7 +327,7 @@ def resolve_mode(model, mode: str = "auto", batch: PackedBatch | None = None) ->
     least as fast as "packed" (benchmarks/bench_prefix.py). On an H100 the cache's expand-and-concatenate and its
     small per-group batches cost more than the masked pairs: a whole bf16 step of a 1B Llama at P=512, R=128,
     k=4 took 78 ms packed and 161 ms with the cache (benchmarks/results/2026-11-24-step-nvidia-h100-80gb-hbm3.md).
-    This is the structural choice only; model_loss checks it on the model (rrhf_fast.probe).
+    This is the structural choice only; rrhf_fast.probe checks it on the model.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -639,7 +640,7 @@ def prefix_forward(model, batch: PackedBatch, mode: str = "auto", head: str = "f
     batch   a PackedBatch (moved to the model's device here)
     mode    "auto", "packed", "kv-cache", "none" or "per-candidate" (see the module docstring); a mode this model
             or attention implementation cannot serve raises ValueError naming the mode to use. This runs the mode
-            unchecked: model_loss checks it on the model first (rrhf_fast.probe).
+            unchecked: rrhf_fast.checked.model_loss checks it on the model first (rrhf_fast.probe).
     """
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
@@ -661,15 +662,3 @@ def batch_loss(model, batch: PackedBatch, mode: str, head: str, **loss_options):
     return rrhf_loss(
         states, weight, batch.targets, batch.cu_seqlens, batch.rewards, batch.cu_groups, bias=bias, **loss_options
     )
-
-
-def model_loss(model, batch: PackedBatch, *, mode: str = "auto", **loss_options):
-    """The RRHF loss of `model` on `batch`, through the mode and head that rrhf_fast.probe found exact on this model
-    (the check runs at the first call for a model, mode, checkpointing setting and set of trainable parameters, on a
-    short batch cut from this one, gradients included where gradients are enabled; an explicit mode that fails it
-    raises ValueError naming the mode that passed). loss_options go to rrhf_loss (length_penalty, rank_weight,
-    sft_weight, margin, sft_reduction, backend). Returns rrhf_loss's output (loss, rank_loss, sft_loss, scores)."""
-    from rrhf_fast import probe  # probe runs this module's forwards
-
-    plan = probe.plan(model, batch, mode, gradients=torch.is_grad_enabled())
-    return batch_loss(model, batch, plan.mode, plan.head, **loss_options)

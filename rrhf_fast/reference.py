@@ -79,32 +79,9 @@ def rrhf_loss_from_logprobs(
     return ReferenceOutput(loss, rank_loss, sft_loss, scores)
 
 
-def rrhf_loss_from_logits(
-    logits,
-    targets,
-    cu_seqlens,
-    rewards,
-    cu_groups,
-    *,
-    length_penalty=1.0,
-    rank_weight=1.0,
-    sft_weight=1.0,
-    margin=0.0,
-    sft_reduction="mean",
-) -> ReferenceOutput:
-    """The RRHF loss from [N, V] logits whose row n predicts targets[n]."""
-    logp = token_logprobs_from_logits(logits, targets)
-    return rrhf_loss_from_logprobs(
-        logp,
-        cu_seqlens,
-        rewards,
-        cu_groups,
-        length_penalty=length_penalty,
-        rank_weight=rank_weight,
-        sft_weight=sft_weight,
-        margin=margin,
-        sft_reduction=sft_reduction,
-    )
+def rrhf_loss_from_logits(logits, targets, cu_seqlens, rewards, cu_groups, **options) -> ReferenceOutput:
+    """The RRHF loss from [N, V] logits whose row n predicts targets[n]; options as rrhf_loss_from_logprobs."""
+    return rrhf_loss_from_logprobs(token_logprobs_from_logits(logits, targets), cu_seqlens, rewards, cu_groups, **options)
 
 
 def _logits(hidden, weight, bias):
@@ -113,34 +90,10 @@ def _logits(hidden, weight, bias):
     return logits if bias is None else logits + bias.to(dtype)
 
 
-def rrhf_loss(
-    hidden,
-    weight,
-    targets,
-    cu_seqlens,
-    rewards,
-    cu_groups,
-    *,
-    bias=None,
-    length_penalty=1.0,
-    rank_weight=1.0,
-    sft_weight=1.0,
-    margin=0.0,
-    sft_reduction="mean",
-) -> ReferenceOutput:
-    """The RRHF loss from hidden states [N, D] and an LM head weight [V, D] (+ bias [V]): logits = h W^T + b."""
-    return rrhf_loss_from_logits(
-        _logits(hidden, weight, bias),
-        targets,
-        cu_seqlens,
-        rewards,
-        cu_groups,
-        length_penalty=length_penalty,
-        rank_weight=rank_weight,
-        sft_weight=sft_weight,
-        margin=margin,
-        sft_reduction=sft_reduction,
-    )
+def rrhf_loss(hidden, weight, targets, cu_seqlens, rewards, cu_groups, *, bias=None, **options) -> ReferenceOutput:
+    """The RRHF loss from hidden states [N, D] and an LM head weight [V, D] (+ bias [V]): logits = h W^T + b; options
+    as rrhf_loss_from_logprobs."""
+    return rrhf_loss_from_logits(_logits(hidden, weight, bias), targets, cu_seqlens, rewards, cu_groups, **options)
 
 
 def sequence_scores(hidden, weight, targets, cu_seqlens, *, bias=None, length_penalty=1.0) -> torch.Tensor:

@@ -7,7 +7,7 @@ directory) and --data (RRHF JSONL) for real use; the paper's hyperparameters are
 
 Every step takes --batch-size queries (times --grad-accum, times the processes under torchrun), packs each
 query's prompt once with its k candidates (rrhf_fast.pack_batch), runs the prefix-shared forward and the fused
-RRHF loss (rrhf_fast.prefix.model_loss), and steps AdamW under transformers' warm-up + cosine/linear/constant
+RRHF loss (rrhf_fast.checked.model_loss), and steps AdamW under transformers' warm-up + cosine/linear/constant
 schedule. Held-out ranking accuracy (and the task's greedy reward) is measured before and after.
 
 The flags and their defaults are rrhf_fast.config.TrainConfig; what is loaded, and checked, is

@@ -23,7 +23,7 @@ from rrhf_fast.lora import (
     parameter_summary,
     save_adapter,
 )
-from rrhf_fast.prefix import model_loss
+from rrhf_fast.checked import model_loss
 
 peft = pytest.importorskip("peft")
 

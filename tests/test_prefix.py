@@ -30,7 +30,8 @@ from transformers import (
 
 from rrhf_fast import reference
 from rrhf_fast.batch import pack_batch
-from rrhf_fast.prefix import batch_loss, candidate_modes, lm_head, model_loss, prefix_forward, resolve_mode
+from rrhf_fast.checked import model_loss
+from rrhf_fast.prefix import batch_loss, candidate_modes, lm_head, prefix_forward, resolve_mode
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -27,7 +27,8 @@ from transformers import (
 
 from rrhf_fast import prefix, probe, reference
 from rrhf_fast.batch import pack_batch
-from rrhf_fast.prefix import model_loss, resolve_mode, sequence_state
+from rrhf_fast.checked import model_loss
+from rrhf_fast.prefix import resolve_mode, sequence_state
 from test_prefix import VOCAB, make_model, one_thread, random_groups  # noqa: F401  (one_thread: an autouse fixture)
 
 RTOL = 1e-6

@@ -26,7 +26,8 @@ import torch
 
 from rrhf_fast import reference
 from rrhf_fast.batch import pack_batch
-from rrhf_fast.prefix import MODES, model_loss
+from rrhf_fast.checked import model_loss
+from rrhf_fast.prefix import MODES
 
 VOCAB = 113
 RTOL = 1e-6
