@@ -1,4 +1,4 @@
-"""Iterated RRHF end to end, as the README's loop runs it: train, sample from the result, train on the samples,
+"""Iterated RRHF end to end, as docs/sampling.md runs it: train, sample from the result, train on the samples,
 evaluate. On a tiny config, so this checks the commands fit together, not how much the reward rises."""
 
 import json

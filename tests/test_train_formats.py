@@ -93,7 +93,7 @@ def write_jsonl(path, records):
 
 
 def hand_tokenized(tokenizer, prompt, responses):
-    """(prompt ids, [response ids]) as the README describes them, without rrhf_fast."""
+    """(prompt ids, [response ids]) as docs/data-formats.md describes them, without rrhf_fast."""
     if isinstance(prompt, str):
         ids = tokenizer(prompt)["input_ids"]
         return ids, [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
