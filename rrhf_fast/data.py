@@ -53,6 +53,8 @@ import os
 from dataclasses import dataclass
 from typing import Union
 
+from rrhf_fast.tokens import Builder, TokenizedData, TokenizedExample, id_dtype  # noqa: F401  (TokenizedExample: re-exported)
+
 Messages = list[dict]
 Prompt = Union[str, Messages]
 
@@ -99,15 +101,6 @@ class Example:
     @property
     def conversational(self) -> bool:
         return not isinstance(self.prompt, str)
-
-
-@dataclass
-class TokenizedExample:
-    """One group ready for `rrhf_fast.pack_batch`: prompt ids, candidate ids (EOS or end of turn ends each), rewards."""
-
-    prompt: list[int]
-    candidates: list[list[int]]
-    rewards: list[float]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -577,7 +570,7 @@ def _render(tokenizer, template: str, messages: Messages, *, generation_prompt: 
 
 
 def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=special).input_ids if texts else []
+    return tokenizer(texts, add_special_tokens=special, return_attention_mask=False).input_ids if texts else []
 
 
 def encode_prompts(prompts: list[Prompt], tokenizer, chat_template: str | None = None) -> list[list[int]]:
@@ -613,32 +606,39 @@ def _chat_responses(examples: list[Example], prompt_ids: list[list[int]], tokeni
     return out
 
 
-def tokenize(examples: list[Example], tokenizer, max_length: int, chat_template: str | None = None) -> tuple[list[TokenizedExample], Truncation]:
-    """Token ids for every example, each candidate (prompt + response) at most max_length tokens.
+ROUND_CHARS = 2_000_000  # characters of text a round of the tokenizer's batch call takes
 
-    Text responses end with EOS; chat responses end as the template ends the assistant's turn. The prompt keeps
-    its last max(max_length - longest response, max_length // 2) tokens when the two do not fit together; each
-    response then keeps its first (max_length - prompt) tokens. `chat_template` (a Jinja string) replaces the
-    tokenizer's own for chat messages.
-    """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; set one (responses end with EOS)")
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2 (one prompt and one response token), got {max_length}")
+
+def _chars(ex: Example) -> int:
+    prompt = len(ex.prompt) if isinstance(ex.prompt, str) else sum(len(m["content"]) for m in ex.prompt)
+    return prompt + sum(map(len, ex.responses))
+
+
+def rounds(examples: list[Example], chars: int = ROUND_CHARS):
+    """Consecutive slices of `examples` of about `chars` characters of text each (at least one example)."""
+    start, size = 0, 0
+    for i, ex in enumerate(examples):
+        size += _chars(ex)
+        if size >= chars:
+            yield examples[start : i + 1]
+            start, size = i + 1, 0
+    if start < len(examples):
+        yield examples[start:]
+
+
+def _tokenize_round(examples: list[Example], tokenizer, max_length: int, chat_template: str | None, cut: Truncation):
+    """[(prompt ids, candidate ids, rewards)] of one round, as Python lists, cut to max_length (counted in `cut`)."""
     prompts = encode_prompts([ex.prompt for ex in examples], tokenizer, chat_template)
-    # Batched calls (all texts at once) rather than one per text: much faster for many short texts.
+    # Batched calls (all texts of the round at once) rather than one per text: much faster for many short texts.
     text_examples = [ex for ex in examples if not ex.conversational]
     flat = iter(_encode(tokenizer, [r for ex in text_examples for r in ex.responses], False))
     chats = [(ex, p) for ex, p in zip(examples, prompts) if ex.conversational]
     template = _template(tokenizer, chat_template) if chats else None
     chat_groups = iter(_chat_responses([ex for ex, _ in chats], [p for _, p in chats], tokenizer, template) if chats else [])
-    cut = Truncation()
+    eos = [tokenizer.eos_token_id]
     out = []
     for ex, prompt in zip(examples, prompts):
-        if ex.conversational:
-            responses = next(chat_groups)
-        else:
-            responses = [next(flat) + [tokenizer.eos_token_id] for _ in ex.responses]
+        responses = next(chat_groups) if ex.conversational else [next(flat) + eos for _ in ex.responses]
         longest = max(len(r) for r in responses)
         if len(prompt) + longest > max_length:
             keep = max(max_length - longest, max_length // 2)
@@ -648,5 +648,27 @@ def tokenize(examples: list[Example], tokenizer, max_length: int, chat_template:
             room = max_length - len(prompt)
             cut.responses += sum(len(r) > room for r in responses)
             responses = [r[:room] for r in responses]
-        out.append(TokenizedExample(prompt, responses, list(ex.scores)))
-    return out, cut
+        out.append((prompt, responses, ex.scores))
+    return out
+
+
+def tokenize(examples: list[Example], tokenizer, max_length: int, chat_template: str | None = None) -> tuple[TokenizedData, Truncation]:
+    """Token ids for every example, each candidate (prompt + response) at most max_length tokens, held compactly
+    (rrhf_fast.tokens.TokenizedData: indexing it gives a TokenizedExample).
+
+    Text responses end with EOS; chat responses end as the template ends the assistant's turn. The prompt keeps
+    its last max(max_length - longest response, max_length // 2) tokens when the two do not fit together; each
+    response then keeps its first (max_length - prompt) tokens. `chat_template` (a Jinja string) replaces the
+    tokenizer's own for chat messages. The texts go through the tokenizer's batch call in rounds of about
+    ROUND_CHARS characters, each round's lists packed into flat buffers before the next, so that Python lists of
+    ints never hold more than a round.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; set one (responses end with EOS)")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (one prompt and one response token), got {max_length}")
+    cut = Truncation()
+    builder = Builder(id_dtype(max(len(tokenizer), getattr(tokenizer, "vocab_size", 0) or 0)))
+    for part in rounds(examples):
+        builder.add_round(_tokenize_round(part, tokenizer, max_length, chat_template, cut))
+    return builder.build(), cut
