@@ -31,6 +31,9 @@ Outputs in --output-dir:
     curves.png, summary.json (eval_before / eval_after, or train_set_before / train_set_after without a held-out set;
                             the prefix mode and head the probe chose, and its seconds)
     runs/, wandb/           with --report-to tensorboard / wandb / all: the metrics.jsonl scalars (rrhf_fast.report)
+    data/tokenized/         the training set's tokens (rrhf_fast.token_cache), which a later run on the same data,
+                            tokenizer, chat template and --model-max-length loads instead of tokenising; not with
+                            --no-data-cache
 
 Several processes: `torchrun --nproc_per_node N -m rrhf_fast.train [the same flags]` runs DDP (NCCL on CUDA,
 gloo on CPU), or FSDP2 with --fsdp (rank 0 alone reads the weights); see rrhf_fast.distributed. Each rank reads its own share of every
@@ -559,6 +562,7 @@ def main(argv=None) -> int:
     texts = read_data(cfg, world)
     model, tokenizer = load_model(cfg, resume_from, world)
     train_data, held_out = tokenize_data(texts, tokenizer, cfg, world)
+    del texts  # the text of the whole set: the loop needs only its tokens (and held_out's queries)
     micro_per_epoch = micro_batches_per_epoch(len(train_data), cfg, world)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # the probe's batch: rank 0's share of the first micro-batch, the same on every rank, so that all plan alike
