@@ -44,7 +44,10 @@ response without them and with EOS appended. Chat messages are rendered with the
 the whole conversation, its tokens being the full conversation's tokens after the prompt's, so that prompt +
 response tokens are exactly the template's tokens for the conversation (end-of-turn token included).
 Over-long examples are cut to `max_length` tokens a candidate (prompt + response): the prompt from the left
-(its end, next to the answer, is kept), the responses from the right.
+(its end, next to the answer, is kept), the responses from the right. The texts go through the tokenizer's batch
+call in rounds of about ROUND_CHARS characters, and each round's ids are packed into flat arrays
+(rrhf_fast.tokens.TokenizedData) before the next: a data set of the size people publish would take gigabytes as
+Python lists of ints.
 """
 
 import json
