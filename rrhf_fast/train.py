@@ -238,8 +238,9 @@ def read_data(cfg: TrainConfig, world) -> Texts:
     return Texts(train_path, train, eval_path, held_out, reward_fn, template, train_split)
 
 
-def tokenize_data(texts: Texts, tokenizer, cfg: TrainConfig, world) -> tuple[list, HeldOut]:
-    """(tokenised training examples, the held-out set), with a warning for what --model-max-length cut.
+def tokenize_data(texts: Texts, tokenizer, cfg: TrainConfig, world):
+    """(the tokenised training set, a rrhf_fast.tokens.TokenizedData; the evaluation set), with a warning for what
+    --model-max-length cut.
 
     The training set comes from <output-dir>/data/tokenized/ when an earlier run tokenised the same data with the
     same tokenizer, template and --model-max-length (rrhf_fast.token_cache; --no-data-cache turns it off); one
@@ -416,7 +417,8 @@ def train_step(setup: Setup, state: LoopState, train_data: list) -> tuple[dict, 
 
 
 def measure(setup: Setup, held_out: HeldOut) -> dict:
-    """Ranking accuracy on the evaluation set, and the mean reward and exact fraction of greedy answers where there is a reward."""
+    """Ranking accuracy on the evaluation set, and the mean reward and exact fraction of greedy answers where there is
+    a reward."""
     from rrhf_fast.metrics import greedy_answers, mean_reward, ranking_accuracy
 
     cfg, model = setup.cfg, setup.model
