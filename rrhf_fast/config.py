@@ -52,13 +52,14 @@ def flag(default, help: str, *aliases: str, type=None, choices=None, section=Non
 class TrainConfig:
     model: str | None = flag(None, "local Hugging Face model directory (AutoModelForCausalLM + AutoTokenizer); default: the embedded tiny Llama", "--model_name_or_path", section="data and model")
     data: str | None = flag(None, "training data: preference records in any format rrhf_fast.data reads (RRHF, TRL listwise / pairwise / implicit prompt, UltraFeedback, Nectar, on-policy), a .jsonl / .json / .parquet file, a save_to_disk directory or a dataset in the local Hugging Face cache; default: the built-in addition task", "--data_path")
-    eval_data: str | None = flag(None, "held-out data for ranking accuracy, in the same formats as --data; default: the task's held-out set, or the first --eval-max-examples training queries", "--eval_data", "--eval_data_path")
+    eval_data: str | None = flag(None, "held-out data for ranking accuracy, in the same formats as --data; default: the task's held-out set; with --data and no --eval-data there is no held-out set: the first --eval-max-examples training queries are measured and reported as training-set figures (summary.json train_set_before / train_set_after, metrics.jsonl type train_set, --report-to tags train_set/...), not held-out ones", "--eval_data", "--eval_data_path")
     output_dir: str = flag("out/rrhf", "where checkpoints, final/, metrics and summary go", "--output_dir")
     trust_remote_code: bool = flag(False, "allow custom model code shipped in --model", "--trust_remote_code")
     model_max_length: int = flag(512, "tokens per candidate (prompt + response); longer prompts are cut from the left, responses from the right; at most the model's positions", "--model_max_length", type=POSITIVE_INT)
     data_split: str = flag("train", "split of --data to train on (a save_to_disk DatasetDict or a cached dataset; a file is one split, train)", "--data_split")
     eval_split: str = flag("train", "split of --eval-data to evaluate on (e.g. test); with no --eval-data, --data's split")
     chat_template: str | None = flag(None, "file holding a Jinja chat template, for conversational data (chat messages) and a tokenizer without one; replaces the tokenizer's own", "--chat_template")
+    no_data_cache: bool = flag(False, "tokenise the training data afresh every run; by default its tokens are kept in <output-dir>/data/tokenized/, keyed by the data's bytes, the tokenizer's files, the chat template, --model-max-length and the code, and a later run on the same ones loads them instead of tokenising")
 
     max_steps: int | None = flag(None, f"optimizer steps; overrides --num-train-epochs (embedded default: {EMBEDDED_TASK_STEPS})", "--max_steps", type=POSITIVE_INT, section="optimisation")
     num_train_epochs: float = flag(3.0, "passes over the data when --max-steps is not given", "--num_train_epochs", "--epochs", type=POSITIVE)
@@ -114,7 +115,8 @@ class TrainConfig:
 
 # Settings that do not change what a resumed run computes: --resume may differ from the checkpoint's in these
 # (--output-dir is where the checkpoint was found; it may be spelt another way).
-NOT_RESUMED = ("resume", "overwrite_output_dir", "output_dir", "ddp_timeout", "save_total_limit", "report_to", "max_shard_size")
+NOT_RESUMED = ("resume", "overwrite_output_dir", "output_dir", "ddp_timeout", "save_total_limit", "report_to", "max_shard_size",
+               "no_data_cache")
 
 TORCHRUN_HELP = """\
 several processes, the same flags (a step takes --batch-size x --grad-accum x processes queries):

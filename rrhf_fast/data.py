@@ -29,9 +29,11 @@ for conversations, every message but the last, which must be the assistant's tur
 
 The prompt is kept as the file holds it, a string or a list of chat messages, so that `sample` writes messages
 back as messages and a reward function receives the prompt as the line holds it; responses are kept as text
-(an assistant message's content). Files are .jsonl / .json, .parquet, a directory written by the `datasets`
-library's save_to_disk, or the name of a dataset in the local Hugging Face cache (read offline, never from the
-network), each read with the `datasets` library with a split ("train" by default).
+(an assistant message's content). Files are .jsonl / .json (read with Python's json module: every value as the
+file writes it, so that a string that looks like a date or a number stays a string, and a problem is named at its
+line), .parquet, a directory written by the `datasets` library's save_to_disk, or the name of a dataset in the local
+Hugging Face cache (read offline, never from the network); those three declare their types and are read with the
+`datasets` library, with a split ("train" by default).
 
 Every problem is a `DataError` naming the file, the row (the line of a JSON Lines file, else the row index),
 the field and what to change, so the commands print one line and exit 2.
@@ -42,7 +44,10 @@ response without them and with EOS appended. Chat messages are rendered with the
 the whole conversation, its tokens being the full conversation's tokens after the prompt's, so that prompt +
 response tokens are exactly the template's tokens for the conversation (end-of-turn token included).
 Over-long examples are cut to `max_length` tokens a candidate (prompt + response): the prompt from the left
-(its end, next to the answer, is kept), the responses from the right.
+(its end, next to the answer, is kept), the responses from the right. The texts go through the tokenizer's batch
+call in rounds of about ROUND_CHARS characters, and each round's ids are packed into flat arrays
+(rrhf_fast.tokens.TokenizedData) before the next: a data set of the size people publish would take gigabytes as
+Python lists of ints.
 """
 
 import json
@@ -50,6 +55,8 @@ import math
 import os
 from dataclasses import dataclass
 from typing import Union
+
+from rrhf_fast.tokens import Builder, TokenizedData, TokenizedExample, id_dtype  # noqa: F401  (TokenizedExample: re-exported)
 
 Messages = list[dict]
 Prompt = Union[str, Messages]
@@ -97,15 +104,6 @@ class Example:
     @property
     def conversational(self) -> bool:
         return not isinstance(self.prompt, str)
-
-
-@dataclass
-class TokenizedExample:
-    """One group ready for `rrhf_fast.pack_batch`: prompt ids, candidate ids (EOS or end of turn ends each), rewards."""
-
-    prompt: list[int]
-    candidates: list[list[int]]
-    rewards: list[float]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,7 +305,12 @@ def extract_prompt(chosen, rejected):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Files: read with the `datasets` library, offline
+# Files. JSON and JSON Lines are read with Python's json module, so every value is what the file wrote (a type
+# guessed per column would turn "2024-05-01" into a date, or ["2", 3] into strings, and blame the wrong line);
+# only the stores that declare their types (parquet, save_to_disk directories, the local Hugging Face cache) are
+# read through the `datasets` library, offline.
+
+_ROWS_A_SLICE = 4096  # rows taken from a `datasets` table at a time: Python objects for a slice, not the whole set
 
 
 def _datasets():
@@ -322,49 +325,84 @@ def _datasets():
     return datasets
 
 
-def _json_problem(path: str) -> DataError | None:
-    """Where a JSON / JSON Lines file that `datasets` could not read breaks: line and column, or None."""
+def _invalid(path: str, line: int, err: json.JSONDecodeError) -> DataError:
+    return DataError(path, line, f"invalid JSON: {err.msg} (column {err.colno})")
+
+
+def _utf8(raw: bytes, path: str, line: int) -> str:
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(path, line, "not UTF-8 text") from None
+
+
+def _json_document(path: str):
+    """The whole file as one JSON document, or the JSONDecodeError that says where it breaks."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        with open(path, "rb") as f:
-            line = f.read()[: err.start].count(b"\n") + 1
-        return DataError(path, line, "not UTF-8 text")
+        raise DataError(path, raw[: err.start].count(b"\n") + 1, "not UTF-8 text") from None
     try:
-        json.loads(text)
-        return None  # one JSON document
+        return json.loads(text), None
     except json.JSONDecodeError as err:
-        if not err.msg.startswith("Extra data"):  # else: JSON Lines, checked line by line below
-            if text.lstrip().startswith("[") or path.endswith(".json"):
-                return DataError(path, err.lineno, f"invalid JSON: {err.msg} (column {err.colno})")
-    rows, lines = [], []
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if line.strip():
+        return None, err
+
+
+def _json_records(path: str):
+    """(line, record) for each record of a JSON / JSON Lines file, values as written, blank lines skipped.
+
+    A file that begins with "[" is one JSON array (its records have no line of their own: None); anything else is
+    JSON Lines, a record a line, read line by line so that the text of the whole set is never held twice; a single
+    object spread over several lines (a pretty-printed .json) is one record. A DataError names the line that
+    breaks."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b" \t\r\n\xef\xbb\xbf")
+    if head.startswith(b"["):
+        document, err = _json_document(path)
+        if err is None:
+            yield from ((None, row) for row in (document if isinstance(document, list) else [document]))
+            return
+        if not err.msg.startswith("Extra data"):  # else: JSON Lines whose first line is an array
+            raise _invalid(path, err.lineno, err)
+    first = True
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
             try:
-                rows.append(json.loads(line))
+                record = json.loads(_utf8(raw.rstrip(b"\n"), path, line))  # a column past the end is on this line
             except json.JSONDecodeError as err:
-                return DataError(path, line_no, f"invalid JSON: {err.msg} (column {err.colno})")
-            lines.append(line_no)
-    try:  # valid JSON throughout that `datasets` still refused: the first record that is not right says why
-        _parse_rows(rows, lines, path)
-    except DataError as err:
-        return err
-    return None
+                if first:  # perhaps one object over several lines
+                    document, whole = _json_document(path)
+                    if whole is None:
+                        yield line, document
+                        return
+                raise _invalid(path, line, err) from None
+            first = False
+            yield line, record
 
 
-def _read_file(path: str, builder: str):
+def _table_records(path: str, table):
+    """(None, row) for each row of a `datasets` table, taken a slice at a time."""
+    for start in range(0, len(table), _ROWS_A_SLICE):
+        columns = table[start : start + _ROWS_A_SLICE]
+        yield from ((None, dict(zip(columns, values))) for values in zip(*columns.values()))
+
+
+def _read_parquet(path: str):
     import tempfile
 
     datasets = _datasets()
     with tempfile.TemporaryDirectory(prefix="rrhf_fast-data-") as cache:  # no cache left behind
         try:
-            kwargs = {"encoding": "utf-8-sig"} if builder == "json" else {}
-            return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache, keep_in_memory=True, **kwargs)
+            return datasets.load_dataset("parquet", data_files=path, split="train", cache_dir=cache, keep_in_memory=True)
         except Exception as err:  # pyarrow / datasets raise many types; the file is what is wrong
-            problem = _json_problem(path) if builder == "json" else None
             cause = err.__cause__ or err.__context__ or err
-            raise problem or DataError(path, None, f"cannot read as {builder}: {' '.join(str(cause).split())}") from None
+            raise DataError(path, None, f"cannot read as parquet: {' '.join(str(cause).split())}") from None
 
 
 def _pick_split(path: str, loaded, split: str):
@@ -379,60 +417,67 @@ def _pick_split(path: str, loaded, split: str):
     return loaded
 
 
-def load_rows(path: str, split: str = "train"):
-    """(rows, lines): the records of `path` as dicts, and for a JSON Lines file each row's line (else None).
+def iter_rows(path: str, split: str = "train"):
+    """(line, record) for each record of `path`: the line of a JSON Lines file (else None) and the record as a dict.
 
-    `path` is a .jsonl / .json / .parquet file, a save_to_disk directory, or a dataset name in the local
-    Hugging Face cache; a file is one split, "train".
-    """
-    datasets = _datasets()
-    lines = None
+    `path` is a .jsonl / .json / .parquet file, a save_to_disk directory, or a dataset name in the local Hugging
+    Face cache; a file is one split, "train". Records come one at a time, so that a caller that keeps only what it
+    needs of each never holds the whole set as Python objects."""
     if os.path.isdir(path):
+        datasets = _datasets()
         try:
             loaded = datasets.load_from_disk(path)
         except FileNotFoundError:
             raise DataError(path, None, f"is a directory but not one written by save_to_disk; reads {FILE_KINDS}") from None
-        rows = _pick_split(path, loaded, split)
-    elif os.path.isfile(path):
+        return _table_records(path, _pick_split(path, loaded, split))
+    if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower()
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(ext)
-        if builder is None:
+        if ext not in (".jsonl", ".json", ".parquet"):
             raise DataError(path, None, f"unknown file type {ext or '(no extension)'}; reads {FILE_KINDS}")
         if split != "train":
             raise DataError(path, None, f"a file holds one split, 'train', not {split!r}")
-        rows = _read_file(path, builder)
-        if builder == "json":
-            with open(path, "rb") as f:
-                numbered = [i for i, raw in enumerate(f, start=1) if raw.strip(b" \t\r\n\xef\xbb\xbf")]
-                f.seek(0)
-                array = f.read(4096).lstrip(b" \t\r\n\xef\xbb\xbf").startswith(b"[")
-            lines = numbered if not array and len(numbered) == len(rows) else None  # JSON Lines: a record a line
-    elif os.path.exists(path) or path.startswith((os.sep, ".", "~")) or os.path.splitext(path)[1]:
+        return _table_records(path, _read_parquet(path)) if ext == ".parquet" else _json_records(path)
+    if os.path.exists(path) or path.startswith((os.sep, ".", "~")) or os.path.splitext(path)[1]:
         raise DataError(path, None, "no such file")
-    else:
-        try:
-            rows = datasets.load_dataset(path, split=split)
-        except Exception as err:
-            raise DataError(path, None, f"no such file, and no dataset of that name in the local Hugging Face cache ({' '.join(str(err).split())[:200]}); reads {FILE_KINDS}") from None
-    rows = rows.to_list()
-    if not rows:
+    datasets = _datasets()
+    try:
+        loaded = datasets.load_dataset(path, split=split)
+    except Exception as err:
+        raise DataError(path, None, f"no such file, and no dataset of that name in the local Hugging Face cache ({' '.join(str(err).split())[:200]}); reads {FILE_KINDS}") from None
+    return _table_records(path, loaded)
+
+
+def load_rows(path: str, split: str = "train"):
+    """(rows, lines): the records of `path` as dicts, and for a JSON Lines file each row's line (else None)."""
+    found = list(iter_rows(path, split))
+    if not found:
         raise DataError(path, None, "no examples (the file is empty)")
-    return rows, lines
+    lines = [line for line, _ in found]
+    return [row for _, row in found], (lines if lines[0] is not None else None)
 
 
 def read_examples(path: str, split: str = "train") -> list[Example]:
     """All examples of `path` (any format above, detected from the first record), checked; DataError on the first problem."""
-    return _parse_rows(*load_rows(path, split), path)
+    return _parse_records(iter_rows(path, split), path)
+
+
+def _parse_records(records, path: str) -> list[Example]:
+    """Examples of (line, record) pairs, the format detected from the first record; each record is dropped once read."""
+    out, fmt = [], None
+    for index, (line, row) in enumerate(records):
+        if index == 0 and isinstance(row, dict):
+            try:
+                fmt = detect_format(row)
+            except _Bad as bad:
+                raise DataError(path, line, str(bad), index=0) from None
+        out.append(parse_example(row, path, line, index=index, fmt=fmt))
+    if not out:
+        raise DataError(path, None, "no examples (the file is empty)")
+    return out
 
 
 def _parse_rows(rows: list, lines: list[int] | None, path: str) -> list[Example]:
-    if not rows:
-        raise DataError(path, None, "no examples (the file is empty)")
-    try:
-        fmt = detect_format(rows[0]) if isinstance(rows[0], dict) else None
-    except _Bad as bad:
-        raise DataError(path, lines[0] if lines else None, str(bad), index=0) from None
-    return [parse_example(row, path, lines[i] if lines else None, index=i, fmt=fmt) for i, row in enumerate(rows)]
+    return _parse_records(zip(lines or [None] * len(rows), rows), path)
 
 
 def read_jsonl(path: str) -> list[Example]:
@@ -528,7 +573,7 @@ def _render(tokenizer, template: str, messages: Messages, *, generation_prompt: 
 
 
 def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=special).input_ids if texts else []
+    return tokenizer(texts, add_special_tokens=special, return_attention_mask=False).input_ids if texts else []
 
 
 def encode_prompts(prompts: list[Prompt], tokenizer, chat_template: str | None = None) -> list[list[int]]:
@@ -564,32 +609,39 @@ def _chat_responses(examples: list[Example], prompt_ids: list[list[int]], tokeni
     return out
 
 
-def tokenize(examples: list[Example], tokenizer, max_length: int, chat_template: str | None = None) -> tuple[list[TokenizedExample], Truncation]:
-    """Token ids for every example, each candidate (prompt + response) at most max_length tokens.
+ROUND_CHARS = 2_000_000  # characters of text a round of the tokenizer's batch call takes
 
-    Text responses end with EOS; chat responses end as the template ends the assistant's turn. The prompt keeps
-    its last max(max_length - longest response, max_length // 2) tokens when the two do not fit together; each
-    response then keeps its first (max_length - prompt) tokens. `chat_template` (a Jinja string) replaces the
-    tokenizer's own for chat messages.
-    """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; set one (responses end with EOS)")
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2 (one prompt and one response token), got {max_length}")
+
+def _chars(ex: Example) -> int:
+    prompt = len(ex.prompt) if isinstance(ex.prompt, str) else sum(len(m["content"]) for m in ex.prompt)
+    return prompt + sum(map(len, ex.responses))
+
+
+def rounds(examples: list[Example], chars: int = ROUND_CHARS):
+    """Consecutive slices of `examples` of about `chars` characters of text each (at least one example)."""
+    start, size = 0, 0
+    for i, ex in enumerate(examples):
+        size += _chars(ex)
+        if size >= chars:
+            yield examples[start : i + 1]
+            start, size = i + 1, 0
+    if start < len(examples):
+        yield examples[start:]
+
+
+def _tokenize_round(examples: list[Example], tokenizer, max_length: int, chat_template: str | None, cut: Truncation):
+    """[(prompt ids, candidate ids, rewards)] of one round, as Python lists, cut to max_length (counted in `cut`)."""
     prompts = encode_prompts([ex.prompt for ex in examples], tokenizer, chat_template)
-    # Batched calls (all texts at once) rather than one per text: much faster for many short texts.
+    # Batched calls (all texts of the round at once) rather than one per text: much faster for many short texts.
     text_examples = [ex for ex in examples if not ex.conversational]
     flat = iter(_encode(tokenizer, [r for ex in text_examples for r in ex.responses], False))
     chats = [(ex, p) for ex, p in zip(examples, prompts) if ex.conversational]
     template = _template(tokenizer, chat_template) if chats else None
     chat_groups = iter(_chat_responses([ex for ex, _ in chats], [p for _, p in chats], tokenizer, template) if chats else [])
-    cut = Truncation()
+    eos = [tokenizer.eos_token_id]
     out = []
     for ex, prompt in zip(examples, prompts):
-        if ex.conversational:
-            responses = next(chat_groups)
-        else:
-            responses = [next(flat) + [tokenizer.eos_token_id] for _ in ex.responses]
+        responses = next(chat_groups) if ex.conversational else [next(flat) + eos for _ in ex.responses]
         longest = max(len(r) for r in responses)
         if len(prompt) + longest > max_length:
             keep = max(max_length - longest, max_length // 2)
@@ -599,5 +651,27 @@ def tokenize(examples: list[Example], tokenizer, max_length: int, chat_template:
             room = max_length - len(prompt)
             cut.responses += sum(len(r) > room for r in responses)
             responses = [r[:room] for r in responses]
-        out.append(TokenizedExample(prompt, responses, list(ex.scores)))
-    return out, cut
+        out.append((prompt, responses, ex.scores))
+    return out
+
+
+def tokenize(examples: list[Example], tokenizer, max_length: int, chat_template: str | None = None) -> tuple[TokenizedData, Truncation]:
+    """Token ids for every example, each candidate (prompt + response) at most max_length tokens, held compactly
+    (rrhf_fast.tokens.TokenizedData: indexing it gives a TokenizedExample).
+
+    Text responses end with EOS; chat responses end as the template ends the assistant's turn. The prompt keeps
+    its last max(max_length - longest response, max_length // 2) tokens when the two do not fit together; each
+    response then keeps its first (max_length - prompt) tokens. `chat_template` (a Jinja string) replaces the
+    tokenizer's own for chat messages. The texts go through the tokenizer's batch call in rounds of about
+    ROUND_CHARS characters, each round's lists packed into flat buffers before the next, so that Python lists of
+    ints never hold more than a round.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; set one (responses end with EOS)")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (one prompt and one response token), got {max_length}")
+    cut = Truncation()
+    builder = Builder(id_dtype(max(len(tokenizer), getattr(tokenizer, "vocab_size", 0) or 0)))
+    for part in rounds(examples):
+        builder.add_round(_tokenize_round(part, tokenizer, max_length, chat_template, cut))
+    return builder.build(), cut

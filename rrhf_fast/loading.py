@@ -140,12 +140,21 @@ def check_max_length(config, model_max_length: int, path: str) -> None:
 
 def check_encodes(examples, tokenized, tokenizer, path: str) -> None:
     """A tokenizer that cannot tell the data's responses apart (each to nothing, or to unknown tokens only) is the
-    wrong one, often a placeholder transformers built for a model directory without tokenizer files."""
+    wrong one, often a placeholder transformers built for a model directory without tokenizer files.
+
+    `tokenized` is rrhf_fast.tokens.TokenizedData; the check runs on its flat buffers, so that it costs a few passes
+    over the ids, not a Python object per token."""
+    import numpy as np
+
     texts = {r for ex in examples for r in ex.responses}
-    encoded = {tuple(c) for ex in tokenized for c in ex.candidates}
-    ids = {i for c in encoded for i in c} - {tokenizer.eos_token_id}
+    lengths, flat = tokenized.candidate_lengths(), tokenized.candidate_ids()
+    one = len(lengths) > 0 and bool((lengths == lengths[0]).all())
+    one = one and (lengths[0] == 0 or bool((flat.reshape(len(lengths), -1) == flat[: lengths[0]]).all()))
+    ids = set(np.unique(flat).tolist()) - {tokenizer.eos_token_id}
     unknown = tokenizer.unk_token_id
-    if (len(texts) > 1 and len(encoded) == 1) or (ids and unknown is not None and ids <= {unknown}):
+    if (len(texts) > 1 and one) or (ids and unknown is not None and ids <= {unknown}):
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        encoded = {flat[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:])}
         raise ValueError(
             f"{path}: its tokenizer encodes the {len(texts)} different responses to {len(encoded)} token sequence(s) "
             f"of ids {sorted(ids)[:5]}: it cannot encode this data; are the tokenizer files (tokenizer.json, "

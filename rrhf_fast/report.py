@@ -1,8 +1,9 @@
 """--report-to: the scalars of metrics.jsonl also to TensorBoard and / or Weights & Biases, as HF Trainer's flag does.
 
-Each metrics.jsonl row (`{"type": "train" | "eval", "step": s, name: number, ...}`) becomes one scalar a number,
-tagged `<type>/<name>` at step s: train/loss, train/rank_loss, train/sft_loss, train/rank_acc, train/lr,
-train/grad_norm, train/tokens_per_s, ..., eval/rank_acc, eval/reward, eval/exact. A null (a NaN, such as the
+Each metrics.jsonl row (`{"type": "train" | "eval" | "train_set", "step": s, name: number, ...}`) becomes one scalar
+a number, tagged `<type>/<name>` at step s: train/loss, train/rank_loss, train/sft_loss, train/rank_acc, train/lr,
+train/grad_norm, train/tokens_per_s, ..., eval/rank_acc, eval/reward, eval/exact (train_set/rank_acc instead of
+eval/rank_acc when the run has no held-out set and measures the first training queries). A null (a NaN, such as the
 accuracy of a batch without a pair) is left out, as metrics.jsonl leaves it unmeasured.
 
     tensorboard   event files in <output-dir>/runs/ (torch.utils.tensorboard.SummaryWriter): `tensorboard --logdir

@@ -8,7 +8,9 @@ directory) and --data (RRHF JSONL) for real use; the paper's hyperparameters are
 Every step takes --batch-size queries (times --grad-accum, times the processes under torchrun), packs each
 query's prompt once with its k candidates (rrhf_fast.pack_batch), runs the prefix-shared forward and the fused
 RRHF loss (rrhf_fast.checked.model_loss), and steps AdamW under transformers' warm-up + cosine/linear/constant
-schedule. Held-out ranking accuracy (and the task's greedy reward) is measured before and after.
+schedule. Held-out ranking accuracy (and the task's greedy reward) is measured before and after; without a held-out
+set (--data with no --eval-data) the same figures are taken on the first training queries and labelled train_set,
+not eval: they are not held out.
 
 The flags and their defaults are rrhf_fast.config.TrainConfig; what is loaded, and checked, is
 rrhf_fast.loading; checkpoints are rrhf_fast.checkpoint. `main` below is the whole run, top to bottom.
@@ -26,8 +28,12 @@ Outputs in --output-dir:
                             --max-shard-size)
     With --lora-r, checkpoints and final/ hold the adapter (adapter_config.json + adapter_model.safetensors,
     for peft.PeftModel.from_pretrained on the --model base), and --merge-lora makes final/ the merged model.
-    curves.png, summary.json (with the prefix mode and head the probe chose, and its seconds)
+    curves.png, summary.json (eval_before / eval_after, or train_set_before / train_set_after without a held-out set;
+                            the prefix mode and head the probe chose, and its seconds)
     runs/, wandb/           with --report-to tensorboard / wandb / all: the metrics.jsonl scalars (rrhf_fast.report)
+    data/tokenized/         the training set's tokens (rrhf_fast.token_cache), which a later run on the same data,
+                            tokenizer, chat template and --model-max-length loads instead of tokenising; not with
+                            --no-data-cache
 
 Several processes: `torchrun --nproc_per_node N -m rrhf_fast.train [the same flags]` runs DDP (NCCL on CUDA,
 gloo on CPU), or FSDP2 with --fsdp (rank 0 alone reads the weights); see rrhf_fast.distributed. Each rank reads its own share of every
@@ -87,11 +93,17 @@ class Setup:
 
 @dataclass
 class HeldOut:
-    """The held-out set: tokenised examples; the queries and reward for greedy answers (the built-in task only)."""
+    """The evaluation set: tokenised examples; the queries and reward for greedy answers (the built-in task only).
 
-    examples: list
+    kind names its figures: "eval" for a held-out set (--eval-data, or the built-in task's), "train_set" when there
+    is none and the first training queries stand in, so that a number measured on data the model trains on is
+    never labelled as held out (metrics.jsonl's record type, summary.json's <kind>_before / <kind>_after, the
+    --report-to tags <kind>/..., the curves' labels)."""
+
+    examples: object
     queries: list[str] | None
     reward_fn: object | None
+    kind: str = "eval"
 
 
 def say(world, message: str) -> None:
@@ -194,6 +206,7 @@ class Texts:
     eval: list | None
     reward_fn: object | None  # the built-in task's reward, for greedy answers on its held-out set
     chat_template: str | None = None  # --chat-template's Jinja text, for chat messages
+    train_split: str = "train"
 
 
 def read_data(cfg: TrainConfig, world) -> Texts:
@@ -222,26 +235,37 @@ def read_data(cfg: TrainConfig, world) -> Texts:
         template = data.read_chat_template(cfg.chat_template) if cfg.chat_template else None
         train = loading.read_data(train_path, train_split)
         held_out = loading.read_data(eval_path, eval_split) if eval_path else None
-    return Texts(train_path, train, eval_path, held_out, reward_fn, template)
+    return Texts(train_path, train, eval_path, held_out, reward_fn, template, train_split)
 
 
-def tokenize_data(texts: Texts, tokenizer, cfg: TrainConfig, world) -> tuple[list, HeldOut]:
-    """(tokenised training examples, the held-out set), with a warning for what --model-max-length cut."""
-    from rrhf_fast import data
+def tokenize_data(texts: Texts, tokenizer, cfg: TrainConfig, world):
+    """(the tokenised training set, a rrhf_fast.tokens.TokenizedData; the evaluation set), with a warning for what
+    --model-max-length cut.
+
+    The training set comes from <output-dir>/data/tokenized/ when an earlier run tokenised the same data with the
+    same tokenizer, template and --model-max-length (rrhf_fast.token_cache; --no-data-cache turns it off); one
+    process a machine writes it, after the tokens have passed check_encodes."""
+    from rrhf_fast import data, token_cache
 
     eval_examples = (texts.eval or texts.train)[: cfg.eval_max_examples]
+    directory = None if cfg.no_data_cache else os.path.join(cfg.output_dir, "data", "tokenized")
     with bad_input(f"{cfg.model or 'the embedded model'}: "):
-        train_tok, train_cut = data.tokenize(texts.train, tokenizer, cfg.model_max_length, texts.chat_template)
+        cached = token_cache.tokenize(texts.train, tokenizer, cfg.model_max_length, texts.chat_template,
+                                      path=texts.train_path, split=texts.train_split, directory=directory)  # fmt: skip
+        train_tok, train_cut = cached.data, cached.cut
         eval_tok, eval_cut = data.tokenize(eval_examples, tokenizer, cfg.model_max_length, texts.chat_template)
     with bad_input():
         loading.check_encodes(texts.train, train_tok, tokenizer, cfg.model or "the embedded model")
+    if world.is_local_main:
+        cached.store()
     for path, cut in ((texts.train_path, train_cut), (texts.eval_path or texts.train_path, eval_cut)):
         if cut.prompts or cut.responses:
             say(world, f"{PROG}: warning: {path}: {cut} to fit --model-max-length {cfg.model_max_length}")
     if texts.eval is None:
-        say(world, f"{PROG}: warning: no --eval-data; evaluating on the first {len(eval_tok)} training queries")
+        say(world, f"{PROG}: warning: no --eval-data: the figures before and after training are on the first "
+                   f"{len(eval_tok)} training queries, not held out (summary.json train_set_before / train_set_after)")  # fmt: skip
     queries = [ex.query for ex in eval_examples] if texts.reward_fn else None
-    return train_tok, HeldOut(eval_tok, queries, texts.reward_fn)
+    return train_tok, HeldOut(eval_tok, queries, texts.reward_fn, "eval" if texts.eval is not None else "train_set")
 
 
 def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world, first_batch):
@@ -393,7 +417,8 @@ def train_step(setup: Setup, state: LoopState, train_data: list) -> tuple[dict, 
 
 
 def measure(setup: Setup, held_out: HeldOut) -> dict:
-    """Held-out ranking accuracy, and the mean reward and exact fraction of greedy answers where there is a reward."""
+    """Ranking accuracy on the evaluation set, and the mean reward and exact fraction of greedy answers where there is
+    a reward."""
     from rrhf_fast.metrics import greedy_answers, mean_reward, ranking_accuracy
 
     cfg, model = setup.cfg, setup.model
@@ -417,11 +442,12 @@ def log_row(setup: Setup, row: dict) -> None:
 
 
 def evaluate(setup: Setup, held_out: HeldOut, step: int) -> tuple[dict | None, float]:
-    """(the held-out numbers at `step`, on rank 0, None on the others; seconds taken), logged to metrics.jsonl."""
+    """(the evaluation set's numbers at `step`, on rank 0, None on the others; seconds taken), logged to
+    metrics.jsonl as a record of type held_out.kind."""
     t0 = time.time()
     result = distributed.run_on_full_model(setup.train_module, setup.world, functools.partial(measure, setup, held_out))
     if setup.world.is_main:
-        log_row(setup, {"type": "eval", "step": step, **result})
+        log_row(setup, {"type": held_out.kind, "step": step, **result})
     return result, time.time() - t0
 
 
@@ -484,7 +510,8 @@ def plot_curves(metrics_path: str, png_path: str) -> None:
 
     rows = checkpoint.read_jsonl(metrics_path)
     train = [r for r in rows if r["type"] == "train"]
-    evals = [r for r in rows if r["type"] == "eval"]
+    evals = [r for r in rows if r["type"] in ("eval", "train_set")]
+    where = "training-set queries" if any(r["type"] == "train_set" for r in evals) else "held-out"
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     steps = [r["step"] for r in train]
     for key in ("loss", "rank_loss", "sft_loss"):
@@ -492,11 +519,11 @@ def plot_curves(metrics_path: str, png_path: str) -> None:
     axes[0].set_title("training loss")
     nan = float("nan")  # null in the file: a batch without a pair
     axes[1].plot(steps, [nan if r["rank_acc"] is None else r["rank_acc"] for r in train], label="train batch", alpha=0.6)
-    axes[1].plot([r["step"] for r in evals], [nan if r["rank_acc"] is None else r["rank_acc"] for r in evals], "o-", label="held-out")
+    axes[1].plot([r["step"] for r in evals], [nan if r["rank_acc"] is None else r["rank_acc"] for r in evals], "o-", label=where)
     axes[1].set_title("ranking accuracy")
     if any("reward" in r for r in evals):
         axes[2].plot([r["step"] for r in evals], [r.get("reward") for r in evals], "o-", label="greedy reward")
-        axes[2].set_title("held-out greedy reward")
+        axes[2].set_title(f"{where} greedy reward")
     else:
         axes[2].plot(steps, [r["lr"] for r in train], label="lr")
         axes[2].set_title("learning rate")
@@ -537,6 +564,7 @@ def main(argv=None) -> int:
     texts = read_data(cfg, world)
     model, tokenizer = load_model(cfg, resume_from, world)
     train_data, held_out = tokenize_data(texts, tokenizer, cfg, world)
+    del texts  # the text of the whole set: the loop needs only its tokens (and held_out's queries)
     micro_per_epoch = micro_batches_per_epoch(len(train_data), cfg, world)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # the probe's batch: rank 0's share of the first micro-batch, the same on every rank, so that all plan alike
@@ -610,7 +638,7 @@ def main(argv=None) -> int:
     checkpoint.atomic_dir(os.path.join(out, "final"), write_final)
     plot_curves(metrics_path, os.path.join(out, "curves.png"))
     summary = {
-        "eval_before": state.eval_before, "eval_after": eval_after, "steps": state.step, "wall_s": time.time() - t_start,
+        f"{held_out.kind}_before": state.eval_before, f"{held_out.kind}_after": eval_after, "steps": state.step, "wall_s": time.time() - t_start,
         "train_wall_s": train_wall, "tokens_per_s": tokens_this_run / max(train_wall, 1e-9), "tokens": state.tokens,
         "peak_mem_mb": peak_memory_mb(device), "device": str(device), "resumed_from": resume_from, "processes": world.size,
         "prefix_mode": plan and plan.mode, "head": plan and plan.head, "probe_s": probe_s,

@@ -523,7 +523,27 @@ def test_metrics_and_summary_are_strict_json_when_a_number_is_nan(tmp_path):
     rows = [json.loads(line, parse_constant=refuse) for line in open(out / "metrics.jsonl", encoding="utf-8")]
     assert len(rows) == 4 and all(r["rank_acc"] is None for r in rows)  # eval, two steps, eval
     summary = json.loads((out / "summary.json").read_text(), parse_constant=refuse)
-    assert summary["eval_before"]["rank_acc"] is None and summary["eval_after"]["rank_acc"] is None
+    assert summary["train_set_before"]["rank_acc"] is None and summary["train_set_after"]["rank_acc"] is None
+
+
+def test_without_eval_data_the_figures_are_labelled_training_set(tmp_path, capsys):
+    """--data without --eval-data measures the first training queries: summary.json, metrics.jsonl, the --report-to
+    tags and the warning call them training-set figures, never eval ones; --help of --eval-data says so."""
+    from rrhf_fast import report
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"query": "1+1=", "responses": ["2", "3"], "scores": [1, 0]}\n' * 8)
+    out = tmp_path / "o"
+    assert train.cli([*TINY, "--data", str(data), "--max-steps", "2", "--save-every", "0", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"train_set_before", "train_set_after"} <= set(summary) and not {k for k in summary if k.startswith("eval")}
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
+    assert [r["type"] for r in rows] == ["train_set", "train", "train", "train_set"]
+    assert set(report.scalars(rows[0])) == {"train_set/rank_acc"}
+    assert "not held out (summary.json train_set_before / train_set_after)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        config.build_parser().parse_args(["--help"])
+    assert "reported as training-set figures (summary.json train_set_before" in " ".join(capsys.readouterr().out.split())
 
 
 def test_non_finite_loss_exits_3_and_keeps_the_last_checkpoint(tmp_path):
