@@ -6,11 +6,12 @@ writes out/mult/train.jsonl and out/mult/eval.jsonl, TRL conversational prompt-o
 column (TRL passes it to the reward as a keyword argument; `--reference-column solution` makes it a candidate):
 
     {"prompt": [{"role": "user", "content": "What is 47 * 8? Reply with the number only."}],
-     "answer": 376, "solution": "376"}
+     "a": 47, "b": 8, "answer": 376, "solution": "376"}
 
 The reward, TRL's signature (rrhf_fast.train --reward examples.multiplication_task:reward, or reward_funcs=[reward]):
-1 for a completion whose first number is the product; a wrong number earns 0.5 x max(0, 1 - |error| / product)
-(partial credit, so that k wrong answers still rank: 370 for 376 earns 0.49, 188 earns 0.25); no number earns 0.
+the answer is the completion's first number other than the two factors (SmolLM2 writes "47 * 8 = 376" as often as
+"376"); it earns 1 when it is the product, else 0.5 x max(0, 1 - |error| / product) (partial credit, so that k wrong
+answers still rank: 370 for 376 earns 0.49, 188 earns 0.25); no such number earns 0.
 Train and held-out questions are disjoint pairs (a, b), a in 10..99, b in 2..9 (720 in all).
 """
 
@@ -24,14 +25,17 @@ QUESTION = "What is {} * {}? Reply with the number only."
 _NUMBER = re.compile(r"-?\d[\d,]*")
 
 
-def first_number(text: str) -> int | None:
-    """The first integer in `text` (thousands commas dropped), or None."""
-    found = _NUMBER.search(text)
-    return int(found.group().replace(",", "")) if found and found.group().replace(",", "").lstrip("-") else None
+def first_number(text: str, factors=()) -> int | None:
+    """The first integer in `text` (thousands commas dropped) that is not one of `factors`, or None."""
+    for found in _NUMBER.finditer(text):
+        digits = found.group().replace(",", "")
+        if digits.lstrip("-") and int(digits) not in factors:
+            return int(digits)
+    return None
 
 
-def score(completion: str, answer: int) -> float:
-    got = first_number(completion)
+def score(completion: str, answer: int, factors=()) -> float:
+    got = first_number(completion, factors)
     if got is None:
         return 0.0
     return 1.0 if got == answer else 0.5 * max(0.0, 1.0 - abs(got - answer) / answer)
@@ -42,14 +46,14 @@ def _text(completion) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
-def reward(prompts, completions, answer, **columns) -> list[float]:
-    """One reward a completion (see the module docstring); `answer` is the records' column, one a completion."""
-    return [score(_text(c), int(a)) for c, a in zip(completions, answer)]
+def reward(prompts, completions, answer, a, b, **columns) -> list[float]:
+    """One reward a completion (see the module docstring); answer, a and b are the records' columns, one a completion."""
+    return [score(_text(c), int(n), (int(x), int(y))) for c, n, x, y in zip(completions, answer, a, b)]
 
 
-def correct(prompts, completions, answer, **columns) -> list[float]:
+def correct(prompts, completions, answer, a, b, **columns) -> list[float]:
     """1 for the right product, else 0: the exact-match rate, for logs beside the shaped reward."""
-    return [float(first_number(_text(c)) == int(a)) for c, a in zip(completions, answer)]
+    return [float(first_number(_text(c), (int(x), int(y))) == int(n)) for c, n, x, y in zip(completions, answer, a, b)]
 
 
 def records(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -57,7 +61,7 @@ def records(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[
     if n_train + n_eval > len(pairs):
         raise ValueError(f"at most {len(pairs)} questions in all, asked for {n_train} + {n_eval}")
     random.Random(seed).shuffle(pairs)
-    out = [{"prompt": [{"role": "user", "content": QUESTION.format(a, b)}], "answer": a * b, "solution": str(a * b)}
+    out = [{"prompt": [{"role": "user", "content": QUESTION.format(a, b)}], "a": a, "b": b, "answer": a * b, "solution": str(a * b)}
            for a, b in pairs[: n_train + n_eval]]  # fmt: skip
     return out[:n_train], out[n_train:]
 

@@ -89,6 +89,7 @@ class TrainConfig:
     eval_every: int | None = flag(None, "steps between held-out evaluations; 0: before and after training only", "--eval_steps", type=NONNEGATIVE_INT)
     eval_batch_size: int = flag(64, "queries per evaluation batch", "--per_device_eval_batch_size", type=POSITIVE_INT)
     eval_max_examples: int = flag(256, "held-out queries evaluated at most", type=POSITIVE_INT)
+    max_train_seconds: float | None = flag(None, "stop after this many seconds of training (held-out evaluations and checkpoints not counted) even before --max-steps, then finish as at the last step (final/, summary.json); the schedule still runs over --max-steps", "--max_train_seconds", type=POSITIVE)
     save_every: int = flag(500, "steps between checkpoints (and the last step); 0: only final/", "--save_steps", type=NONNEGATIVE_INT)
     save_total_limit: int | None = flag(None, "keep only the newest N checkpoints (None: keep all)", "--save_total_limit", type=POSITIVE_INT)
     resume: bool = flag(False, "continue from the newest complete checkpoint in --output-dir")
@@ -124,7 +125,8 @@ class TrainConfig:
 
 # Settings that do not change what a resumed run computes: --resume may differ from the checkpoint's in these
 # (--output-dir is where the checkpoint was found; it may be spelt another way).
-NOT_RESUMED = ("resume", "overwrite_output_dir", "output_dir", "ddp_timeout", "save_total_limit", "report_to", "max_shard_size")
+NOT_RESUMED = ("resume", "overwrite_output_dir", "output_dir", "ddp_timeout", "save_total_limit", "report_to", "max_shard_size",
+               "max_train_seconds")
 
 TORCHRUN_HELP = """\
 several processes, the same flags (a step takes --batch-size x --grad-accum x processes queries):

@@ -716,7 +716,9 @@ def main(argv=None, given: Given | None = None) -> int:
                 eval_seconds += seconds
                 if world.is_main:
                     bar.write(f"step {step}: {checkpoint.json_line(result)}")
-            saved = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps)
+            out_of_time = cfg.max_train_seconds is not None and step < cfg.max_steps and any(distributed.sum_over_ranks(
+                [time.time() - t_train - eval_seconds >= cfg.max_train_seconds], world))  # fmt: skip  every rank stops alike
+            saved = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps or out_of_time)
             if saved:
                 save_checkpoint(setup, state)
             bar.update(1)
@@ -728,6 +730,9 @@ def main(argv=None, given: Given | None = None) -> int:
                 say(world, f"{PROG}: stopped by {signal.Signals(stopped_by).name} after step {step}: {path} written; "
                            f"--resume continues from it")  # fmt: skip
                 return 128 + stopped_by
+            if out_of_time:
+                say(world, f"{PROG}: --max-train-seconds {cfg.max_train_seconds:g} reached after step {step} of {cfg.max_steps}")
+                break
     bar.close()
     train_wall = time.time() - t_train - eval_seconds
 
