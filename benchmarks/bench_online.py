@@ -147,7 +147,7 @@ def run_grpo_worker(args) -> None:
         per_device_train_batch_size=args.batch_size * args.k, max_completion_length=args.max_new_tokens,
         temperature=1.0, learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
         max_steps=100_000, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=args.seed,
-        reward_weights=[1.0, 0.0], dataloader_num_workers=0, disable_tqdm=True,
+        reward_weights=[1.0, 0.0], dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=False,
     )  # fmt: skip
     timing = {"generation_s": 0.0, "scoring_s": 0.0}
     curve, evals = [], {"s": 0.0}

@@ -652,7 +652,15 @@ def main(argv=None, given: Given | None = None) -> int:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     texts = read_data(cfg, world)
-    model, tokenizer = (given.model, given.tokenizer) if given.model is not None else load_model(cfg, resume_from, world)
+    if given.model is not None:  # a loaded model (rrhf_fast.trainer), trained in place; a checkpoint's weights into it
+        model, tokenizer = given.model, given.tokenizer
+        if resume_from is not None and not cfg.lora_r and not cfg.fsdp:  # (an adapter comes back in wrap_model)
+            from safetensors.torch import load_file
+
+            shards = sorted(f for f in os.listdir(resume_from) if f.endswith(".safetensors"))
+            model.load_state_dict({k: v for f in shards for k, v in load_file(os.path.join(resume_from, f)).items()}, strict=False)
+    else:
+        model, tokenizer = load_model(cfg, resume_from, world)
     if texts.online:  # the prompts to sample from, and the rewards
         rewards = load_rewards(cfg, world, given.reward_funcs) if given.reward_funcs is not None else None
         source, held_out = tokenize_prompts(texts, model, tokenizer, cfg, world, rewards)
