@@ -18,7 +18,7 @@ import online_rewards
 from online_rewards import CALLS
 from rrhf_fast import online, reference, sample, train
 from rrhf_fast.trainer import RRHFConfig, RRHFTrainer
-from test_train import interrupt_during_step, load_weights
+from test_train import count_probes, interrupt_during_step, load_weights
 
 PROMPTS = ["12+34=", "7+5=", "two+two=", "99+1=", "ten+one=", "3+4=", "50+50=", "8+8="]
 HELD_OUT = ["1+2=", "7+5=", "6+6="]
@@ -196,6 +196,14 @@ def test_a_reward_that_raises_or_is_not_finite_exits_2_naming_the_prompt(tiny_ll
     assert len(err) == 1 and err[0].startswith("rrhf_fast.train: error:") and "'7+5='" in err[0], err
 
 
+def test_one_exactness_check_a_run(tiny_llama, files, tmp_path, monkeypatch):
+    """The plan checked before the first sample (on candidates cut from the prompts' tokens) serves every sampled step
+    and every held-out evaluation: one probe in a run of 3 steps evaluated at every step."""
+    calls = count_probes(monkeypatch)
+    assert run(argv(tiny_llama, files, tmp_path / "o", "--eval-every", "1")) == 0
+    assert calls == ["auto"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--reward-weights", "1", "2"], "--reward-weights: 2 weights for 1 rewards"),
     (["--reference-column", "nothing"], "train.jsonl:1: --reference-column nothing: missing"),
@@ -305,3 +313,15 @@ def test_two_processes_sample_their_own_prompts_and_equal_one_process(tiny_llama
     assert run(argv(tiny_llama, files, tmp_path / "one", "--max-steps", "2")) == 0
     assert_same_training(rows(tmp_path / "ddp"), rows(tmp_path / "one"), rel=1e-5)
     assert rows(tmp_path / "ddp", "eval") == pytest.approx(rows(tmp_path / "one", "eval"))
+
+
+@pytest.mark.slow
+def test_fsdp_samples_the_whole_micro_batch_on_every_rank_and_equals_ddp(tiny_llama, files, tmp_path):
+    """Under --fsdp every rank decodes all ranks' prompts of a micro-batch (an FSDP2 forward is a collective) and keeps
+    its own share: the job trains what the DDP job does."""
+    from test_distributed import assert_same_training, torchrun
+
+    args = [a.replace("online_rewards:", "tests.online_rewards:") for a in argv(tiny_llama, files, "out", "--max-steps", "2")]
+    torchrun([*args, "--batch-size", "1", "--output-dir", "ddp"], tmp_path)
+    torchrun([*args, "--batch-size", "1", "--output-dir", "fsdp", "--fsdp"], tmp_path)
+    assert_same_training(rows(tmp_path / "fsdp"), rows(tmp_path / "ddp"), rel=1e-5)
