@@ -6,7 +6,7 @@ writes out/mult/train.jsonl and out/mult/eval.jsonl, TRL conversational prompt-o
 column (TRL passes it to the reward as a keyword argument; `--reference-column solution` makes it a candidate):
 
     {"prompt": [{"role": "user", "content": "What is 47 * 8? Reply with the number only."}],
-     "a": 47, "b": 8, "answer": 376, "solution": "376"}
+     "a": 47, "b": 8, "answer": 376, "solution": "47 * 8 = 376"}
 
 The reward, TRL's signature (rrhf_fast.train --reward examples.multiplication_task:reward, or reward_funcs=[reward]):
 the answer is the completion's first number other than the two factors (SmolLM2 writes "47 * 8 = 376" as often as
@@ -61,7 +61,7 @@ def records(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[
     if n_train + n_eval > len(pairs):
         raise ValueError(f"at most {len(pairs)} questions in all, asked for {n_train} + {n_eval}")
     random.Random(seed).shuffle(pairs)
-    out = [{"prompt": [{"role": "user", "content": QUESTION.format(a, b)}], "a": a, "b": b, "answer": a * b, "solution": str(a * b)}
+    out = [{"prompt": [{"role": "user", "content": QUESTION.format(a, b)}], "a": a, "b": b, "answer": a * b, "solution": f"{a} * {b} = {a * b}"}
            for a, b in pairs[: n_train + n_eval]]  # fmt: skip
     return out[:n_train], out[n_train:]
 

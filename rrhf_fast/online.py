@@ -181,6 +181,14 @@ class Draw:
     generation_s: float
     reward_s: float
 
+    def share(self, first: int, last: int, k: int, limit: int) -> "Draw":
+        """The draw of groups first:last alone (a rank's share under FSDP2, where every rank samples them all); k the
+        sampled candidates a group, limit --max-completion-length."""
+        lengths = self.lengths[first * k : last * k]
+        return Draw(self.groups[first:last], self.rewards[first:last], [v[first * k : last * k] for v in self.sampled],
+                    lengths, sum(n == limit for n in lengths), sum(max(r) == min(r) for r in self.rewards[first:last]),
+                    self.sft_kept[first:last], self.generation_s, self.reward_s)  # fmt: skip
+
 
 class Source:
     """The online groups of a run: its prompts encoded once, its rewards, and the draw of each micro-batch."""
@@ -196,12 +204,15 @@ class Source:
         ids = encode_prompts(prompts.prompts, tokenizer, chat_template)
         self.cut = sum(len(p) > room for p in ids)
         self.prompt_ids = [p[len(p) - room :] if len(p) > room else p for p in ids]  # the end, next to the answer, kept
-        self.end_tokens = [self._end_token(p, chat_template) for p in prompts.prompts]
+        ends = {kind: self._end_token(kind, chat_template) for kind in {isinstance(p, str) for p in prompts.prompts}}
+        self.end_tokens = [ends[isinstance(p, str)] for p in prompts.prompts]
         self.references = self._references(reference_column, max_length, chat_template) if reference_column else None
         self.reference_column = reference_column
 
-    def _end_token(self, prompt, chat_template) -> int:
-        if not isinstance(prompt, str):
+    def _end_token(self, text: bool, chat_template) -> int:
+        """The token that ends a sampled candidate that stopped: the chat template's end of turn after chat prompts
+        (text=False), EOS after text ones."""
+        if not text:
             template_tokenizer = self.tokenizer
             if chat_template is not None:
                 import copy

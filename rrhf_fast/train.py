@@ -484,13 +484,7 @@ def draw_online(setup: Setup, position: int, indices: list[int]):
     run = functools.partial(distributed.run_on_full_model, setup.train_module, world)
     with bad_input():
         whole = setup.online.draw(setup.model, all_indices, positions, generate=run)
-    own = slice(world.rank * share, (world.rank + 1) * share)
-    from rrhf_fast.online import Draw
-
-    per = len(whole.lengths) // len(all_indices)
-    return Draw(whole.groups[own], whole.rewards[own], [v[own.start * per : own.stop * per] for v in whole.sampled],
-                whole.lengths[own.start * per : own.stop * per], whole.clipped, whole.tied, whole.sft_kept[own],
-                whole.generation_s, whole.reward_s)  # fmt: skip
+    return whole.share(world.rank * share, (world.rank + 1) * share, cfg.num_generations, cfg.max_completion_length)
 
 
 def measure(setup: Setup, held_out: HeldOut) -> dict:
