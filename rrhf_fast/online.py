@@ -15,7 +15,9 @@ micro-batch draws its prompts as offline data would (a shuffled order an epoch, 
     add      with --reference-column NAME, the prompt's reference answer (that column of its record) as one more
              candidate, scored by the same rewards: the paper's way to keep a good answer in every group.
     train    the RRHF loss on the groups; with --sft-min-reward X, a group whose best reward is below X trains with
-             the ranking term only (SFT on the best of k wrong answers teaches the wrong answer).
+             the ranking term only (SFT on the best of k wrong answers teaches the wrong answer). Off by default: on
+             SmolLM2-135M's multiplication task (benchmarks/bench_online.py) the ranking term alone collapsed the
+             model within 4 steps, SFT on every group's best sample held, and the reference answer did best.
 
 A candidate's tokens are the sampled ones, followed by the end token when the sample stopped (the chat template's
 end of turn for chat prompts, EOS for text, as rrhf_fast.data.tokenize ends a candidate) and cut where
