@@ -14,7 +14,7 @@ def test_dry_run_writes_the_table_and_the_plot(tmp_path):
     assert [r["side"] for r in rows] == ["grpo", "rrhf-bar"]
     for row in rows:
         assert int(row["steps"]) >= 1 and int(row["prompts"]) == 2 * int(row["steps"])
-        assert float(row["train s"]) >= 3  # the budget of a dry run
+        assert float(row["train s"]) >= 2.5  # about the budget of a dry run (3 s), less the bookkeeping between steps
         # sampling, scoring and updating add up to the training time
         parts = float(row["sampling s"]) + float(row["scoring s"]) + float(row["update s"])
         assert abs(parts - float(row["train s"])) < 1e-6 * float(row["train s"]) + 1e-9

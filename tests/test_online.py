@@ -315,7 +315,6 @@ def test_two_processes_sample_their_own_prompts_and_equal_one_process(tiny_llama
     assert rows(tmp_path / "ddp", "eval") == pytest.approx(rows(tmp_path / "one", "eval"))
 
 
-@pytest.mark.slow
 def test_fsdp_samples_the_whole_micro_batch_on_every_rank_and_equals_ddp(tiny_llama, files, tmp_path):
     """Under --fsdp every rank decodes all ranks' prompts of a micro-batch (an FSDP2 forward is a collective) and keeps
     its own share: the job trains what the DDP job does."""
