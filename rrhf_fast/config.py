@@ -42,9 +42,10 @@ def file_size(text: str) -> int:
     return size
 
 
-def flag(default, help: str, *aliases: str, type=None, choices=None, section=None):
-    """A TrainConfig field: its default and what its flag needs (help, HF aliases, argparse type, choices)."""
-    meta = dict(help=help, aliases=aliases, type=type, choices=choices, section=section)
+def flag(default, help: str, *aliases: str, type=None, choices=None, section=None, action=None, nargs=None):
+    """A TrainConfig field: its default and what its flag needs (help, HF aliases, argparse type, choices; action
+    "append" for a flag given once a value, nargs "+" for one that takes several)."""
+    meta = dict(help=help, aliases=aliases, type=type, choices=choices, section=section, action=action, nargs=nargs)
     return field(default=default, metadata=meta)
 
 
@@ -90,6 +91,7 @@ class TrainConfig:
     eval_every: int | None = flag(None, "steps between held-out evaluations; 0: before and after training only", "--eval_steps", type=NONNEGATIVE_INT)
     eval_batch_size: int = flag(64, "queries per evaluation batch", "--per_device_eval_batch_size", type=POSITIVE_INT)
     eval_max_examples: int = flag(256, "held-out queries evaluated at most", type=POSITIVE_INT)
+    max_train_seconds: float | None = flag(None, "stop after this many seconds of training (held-out evaluations and checkpoints not counted) even before --max-steps, then finish as at the last step (final/, summary.json); the schedule still runs over --max-steps", "--max_train_seconds", type=POSITIVE)
     save_every: int = flag(500, "steps between checkpoints (and the last step); 0: only final/", "--save_steps", type=NONNEGATIVE_INT)
     save_total_limit: int | None = flag(None, "keep only the newest N checkpoints (None: keep all)", "--save_total_limit", type=POSITIVE_INT)
     resume: bool = flag(False, "continue from the newest complete checkpoint in --output-dir")
@@ -107,6 +109,16 @@ class TrainConfig:
     cpu_offload: bool = flag(False, "with --fsdp: keep the shards, their gradients and the optimizer step in host memory (FSDP2's CPUOffloadPolicy)")
     max_shard_size: int = flag(5 * 10**9, "bytes in the largest safetensors file of final/ and of non-sharded checkpoints (also 500MB, 5GB, 2GiB)", "--save_max_shard_size", type=file_size)
 
+    reward: list[str] | None = flag(None, "online RRHF: sample the candidates of every step from the model being trained and score them with this reward, module:function (TRL's signature f(prompts, completions, **columns) -> list[float], or rrhf_fast.sample's f(prompt, response) -> float) or task; repeat it for several, summed with --reward-weights. --data then holds prompts (their other columns go to the function)", "--reward_funcs", action="append", section="online RRHF (a reward instead of scored candidates: rrhf_fast.online)")
+    reward_model: list[str] | None = flag(None, "online RRHF with a local Hugging Face sequence-classification model as a reward (logit 0 of prompt + completion); repeatable, and combines with --reward (functions first, then models)", "--reward_model", action="append")
+    reward_weights: list[float] | None = flag(None, "one weight a reward (--reward ones first, then --reward-model ones): the reward of a completion is sum weight_i x reward_i, as TRL's reward_weights (default: all 1)", "--reward_weights", type=number(float), nargs="+")
+    num_generations: int = flag(4, "candidates sampled a prompt at every step (k)", "-k", "--num_generations", type=POSITIVE_INT)
+    max_completion_length: int = flag(128, "tokens a sampled candidate (and a held-out greedy answer) at most; prompts are cut from the left to leave them room within --model-max-length", "--max_completion_length", "--max-new-tokens", type=POSITIVE_INT)
+    temperature: float = flag(1.0, "sampling temperature; 0: greedy (all k the same)", type=NONNEGATIVE)
+    top_p: float = flag(1.0, "nucleus sampling: draw from the most likely tokens whose probabilities reach this", "--top_p", type=number(float, 0, low_inclusive=False))
+    reference_column: str | None = flag(None, "a column of --data holding each prompt's reference answer: added to the k samples as one more candidate, scored by the same rewards (the paper's use of the dataset's response)", "--reference_column")
+    sft_min_reward: float | None = flag(None, "the SFT term only on groups whose best reward is at least this; a group below it trains with the ranking term only, so that the best of k wrong answers is not imitated (default: off, SFT on every group: on SmolLM2's multiplication task the ranking term alone collapsed the model within 4 steps; a --reference-column answer in every group did best)", "--sft_min_reward", type=number(float))
+
     task_train_size: int = flag(9000, f"training queries of the addition task (train + held-out at most {TASK_QUERIES})", type=POSITIVE_INT, section="the embedded default (ignored with --model / --data)")
     task_eval_size: int = flag(200, "held-out queries of the addition task", type=POSITIVE_INT)
     tiny_hidden_size: int = flag(96, "hidden size of the embedded Llama (4 heads, so a multiple of 8)", type=POSITIVE_INT)
@@ -116,7 +128,7 @@ class TrainConfig:
 # Settings that do not change what a resumed run computes: --resume may differ from the checkpoint's in these
 # (--output-dir is where the checkpoint was found; it may be spelt another way).
 NOT_RESUMED = ("resume", "overwrite_output_dir", "output_dir", "ddp_timeout", "save_total_limit", "report_to", "max_shard_size",
-               "no_data_cache")
+               "no_data_cache", "max_train_seconds")
 
 TORCHRUN_HELP = """\
 several processes, the same flags (a step takes --batch-size x --grad-accum x processes queries):
@@ -154,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["action"] = "store_true"
         else:
             kwargs.update(type=meta["type"], choices=meta["choices"])
+            kwargs.update({key: meta[key] for key in ("action", "nargs") if meta[key]})
         group.add_argument(*names, **kwargs)
     return p
 
@@ -178,6 +191,16 @@ def resolve(argv) -> TrainConfig:
         if cfg.fsdp and cfg.merge_lora:
             raise InputError("--merge-lora with --fsdp is not supported: final/ holds the adapter; merge it afterwards with "
                              "peft.PeftModel.from_pretrained(base, 'final').merge_and_unload().save_pretrained(...)")
+    online = cfg.reward or cfg.reward_model
+    if online and cfg.data is None:
+        raise InputError("--reward / --reward-model train on prompts: pass --data with them (prompt-only JSONL, .txt, ...)")
+    for name, given in (("--reward-weights", cfg.reward_weights), ("--reference-column", cfg.reference_column),
+                        ("--sft-min-reward", cfg.sft_min_reward is not None)):  # fmt: skip
+        if given and not online:
+            raise InputError(f"{name} is for online RRHF: pass --reward or --reward-model too")
+    if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward or []) + len(cfg.reward_model or []):
+        raise InputError(f"--reward-weights: {len(cfg.reward_weights)} weights for {len(cfg.reward or []) + len(cfg.reward_model or [])} "
+                         f"rewards (--reward and --reward-model); give one a reward")  # fmt: skip
     if cfg.cpu_offload and not cfg.fsdp:
         raise InputError("--cpu-offload offloads FSDP2's shards to host memory: pass --fsdp too")
     if cfg.model is None and cfg.tiny_hidden_size % 8:

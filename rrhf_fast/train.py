@@ -89,6 +89,7 @@ class Setup:
     pad_id: int
     micro_per_epoch: int  # micro-batches of --batch-size x processes queries in one epoch
     reporter: report.Reporter = field(default_factory=report.Reporter)  # --report-to, on rank 0
+    online: object | None = None  # rrhf_fast.online.Source: the groups of every step sampled and scored (--reward)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class HeldOut:
     queries: list[str] | None
     reward_fn: object | None
     kind: str = "eval"
+    online: object | None = None  # rrhf_fast.online.Source of the held-out prompts: their greedy answers' reward
 
 
 def say(world, message: str) -> None:
@@ -207,6 +209,7 @@ class Texts:
     reward_fn: object | None  # the built-in task's reward, for greedy answers on its held-out set
     chat_template: str | None = None  # --chat-template's Jinja text, for chat messages
     train_split: str = "train"
+    online: bool = False  # train / eval are rrhf_fast.online.Prompts (prompts to sample from), not examples
 
 
 def read_data(cfg: TrainConfig, world) -> Texts:
@@ -215,6 +218,14 @@ def read_data(cfg: TrainConfig, world) -> Texts:
     and --chat-template's text."""
     from rrhf_fast import data, task
 
+    if cfg.reward or cfg.reward_model:
+        from rrhf_fast import online
+
+        with bad_input():
+            template = data.read_chat_template(cfg.chat_template) if cfg.chat_template else None
+            train = online.read(cfg.data, cfg.data_split)
+            held_out = online.read(cfg.eval_data, cfg.eval_split) if cfg.eval_data else None
+        return Texts(cfg.data, train, cfg.eval_data, held_out, None, template, online=True)
     reward_fn = None
     train_path, eval_path = cfg.data, cfg.eval_data
     train_split = cfg.data_split if cfg.data else "train"
@@ -266,6 +277,49 @@ def tokenize_data(texts: Texts, tokenizer, cfg: TrainConfig, world):
                    f"{len(eval_tok)} training queries, not held out (summary.json train_set_before / train_set_after)")  # fmt: skip
     queries = [ex.query for ex in eval_examples] if texts.reward_fn else None
     return train_tok, HeldOut(eval_tok, queries, texts.reward_fn, "eval" if texts.eval is not None else "train_set")
+
+
+def tokenize_prompts(texts: Texts, model, tokenizer, cfg: TrainConfig, world, rewards=None) -> tuple[object, HeldOut]:
+    """Online RRHF: (the rrhf_fast.online.Source of the training prompts, the held-out set as one of the held-out
+    prompts), the prompts encoded once, with a warning for what --model-max-length cut."""
+    from rrhf_fast import generation, online
+
+    rewards = rewards if rewards is not None else load_rewards(cfg, world)
+    options = online.Options(cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.seed,
+                             cfg.sft_min_reward)  # fmt: skip
+    with bad_input(f"{cfg.model or 'the embedded model'}: "):
+        stops = generation.stop_token_ids(model, tokenizer)
+        kwargs = dict(max_length=cfg.model_max_length, stop_token_ids=stops, chat_template=texts.chat_template)
+        source = online.Source(texts.train, tokenizer, rewards, options, reference_column=cfg.reference_column, **kwargs)
+        held = texts.eval or texts.train
+        held = online.Prompts(held.path, *(column[: cfg.eval_max_examples] for column in (held.prompts, held.columns, held.lines)))
+        eval_source = online.Source(held, tokenizer, rewards, options, **kwargs)
+    for path, src in ((texts.train_path, source), (texts.eval_path or texts.train_path, eval_source)):
+        if src.cut:
+            say(world, f"{PROG}: warning: {path}: {src.cut} prompt(s) cut from the left to leave --max-completion-length "
+                       f"{cfg.max_completion_length} tokens within --model-max-length {cfg.model_max_length}")  # fmt: skip
+    if texts.eval is None:
+        say(world, f"{PROG}: warning: no --eval-data: the figures before and after training are on the first "
+                   f"{len(eval_source)} training prompts, not held out (summary.json train_set_before / train_set_after)")  # fmt: skip
+    return source, HeldOut([], None, None, "eval" if texts.eval is not None else "train_set", online=eval_source)
+
+
+def load_rewards(cfg: TrainConfig, world, functions=None):
+    """The rrhf_fast.online.Rewards of --reward (module:function or task) and --reward-model (on this rank's device),
+    weighted by --reward-weights; `functions` (callables, or reward-model paths) instead of the flags for
+    rrhf_fast.trainer's reward_funcs."""
+    from rrhf_fast import loading, online
+
+    with bad_input():
+        if functions is None:
+            functions = [loading.reward_function(spec) for spec in cfg.reward or []] + list(cfg.reward_model or [])
+            names = [spec.rpartition(":")[2] for spec in cfg.reward or []]
+            names += [os.path.basename(os.path.normpath(p)) for p in cfg.reward_model or []]
+        else:
+            names = [os.path.basename(os.path.normpath(f)) if isinstance(f, str) else online.function_name(f) for f in functions]
+        loaded = [loading.reward_model(f, on=world.device, batch_size=cfg.eval_batch_size, trust_remote_code=cfg.trust_remote_code)
+                  if isinstance(f, str) else f for f in functions]  # fmt: skip
+        return online.Rewards(loaded, names, list(cfg.reward_weights or []))
 
 
 def wrap_model(model, cfg: TrainConfig, resume_from: str | None, world, first_batch):
@@ -385,18 +439,28 @@ def train_step(setup: Setup, state: LoopState, train_data: list) -> tuple[dict, 
     cfg, world = setup.cfg, setup.world
     totals = {"loss": 0.0, "rank_loss": 0.0, "sft_loss": 0.0}
     correct = pairs = step_tokens = 0
+    draws = []
     for micro in range(cfg.grad_accum):
         indices = batch_indices(cfg, world, setup.micro_per_epoch, state.data_position, len(train_data))
+        if setup.online is None:
+            batch = micro_batch(train_data, indices, cfg, setup.pad_id, world.device)
+        else:
+            draws.append(draw_online(setup, state.data_position, indices))
+            batch = pack_examples(draws[-1].groups, max_tokens=cfg.row_tokens, pad_token_id=setup.pad_id).to(world.device)
         state.data_position += 1
-        batch = micro_batch(train_data, indices, cfg, setup.pad_id, world.device)
         with distributed.gradient_sync(setup.train_module, world, sync=micro == cfg.grad_accum - 1):
             with bf16_autocast(world.device, cfg.bf16 and not cfg.fsdp):
                 output = setup.train_module(batch)
-            if not torch.isfinite(output.loss):
-                raise NonFiniteLoss(f"non-finite loss ({output.loss.item()}) at step {state.step + 1}", checkpoint.latest(cfg.output_dir))
-            (output.loss / cfg.grad_accum).backward()
-        for key in totals:
-            totals[key] += getattr(output, key).item() / cfg.grad_accum
+            loss, sft_loss = output.loss, output.sft_loss
+            if draws:  # --sft-min-reward: the groups below the bar keep their ranking term only
+                from rrhf_fast.online import gated_loss
+
+                loss, sft_loss = gated_loss(output, batch, draws[-1].sft_kept, setup.loss_options)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {state.step + 1}", checkpoint.latest(cfg.output_dir))
+            (loss / cfg.grad_accum).backward()
+        for key, value in (("loss", loss), ("rank_loss", output.rank_loss), ("sft_loss", sft_loss)):
+            totals[key] += float(value.detach()) / cfg.grad_accum
         c, p = pair_accuracy(output.scores.detach().float().cpu(), batch.rewards.cpu(), batch.cu_groups.cpu())
         correct, pairs = correct + c, pairs + p
         step_tokens += int((batch.group_ids >= 0).sum())
@@ -413,7 +477,39 @@ def train_step(setup: Setup, state: LoopState, train_data: list) -> tuple[dict, 
     setup.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.tokens += step_tokens
-    return dict(**totals, rank_acc=correct / pairs if pairs else float("nan"), lr=lr, grad_norm=grad_norm), step_tokens
+    row = dict(**totals, rank_acc=correct / pairs if pairs else float("nan"), lr=lr, grad_norm=grad_norm)
+    if setup.online is not None:
+        from rrhf_fast.online import step_figures
+
+        everyone = distributed.gather_objects(draws, world)  # every rank's draws, on rank 0
+        if world.is_main:
+            row.update(step_figures([d for rank in everyone for d in rank], setup.online.rewards.names))
+            row["prompts"] = state.data_position * cfg.batch_size * world.size
+    return row, step_tokens
+
+
+def draw_online(setup: Setup, position: int, indices: list[int]):
+    """The sampled and scored groups of this rank's share of micro-batch `position` (rrhf_fast.online.Source.draw).
+
+    The prompts drawn in a run are numbered in order, every rank's share of every micro-batch, so that this rank's
+    j-th prompt of micro-batch m is prompt m x batch x processes + rank x batch + j and samples from the generator
+    rrhf_fast.sample gives a queries file's line of that number. Under FSDP2 a forward is a collective over every
+    rank's shard: every rank then samples the whole micro-batch (all ranks' prompts, so that all run the same
+    forwards, inside the root's hooks) and keeps its own share."""
+    cfg, world = setup.cfg, setup.world
+    share = cfg.batch_size
+    first = position * share * world.size
+    if not world.fsdp:
+        positions = [first + world.rank * share + j for j in range(len(indices))]
+        with bad_input():  # a reward that raises or gives no finite number: the prompt named
+            return setup.online.draw(setup.model, indices, positions)
+    everyone = [batch_indices(cfg, world, setup.micro_per_epoch, position, len(setup.online), rank=r) for r in range(world.size)]
+    all_indices = [i for rank in everyone for i in rank]
+    positions = list(range(first, first + len(all_indices)))
+    run = functools.partial(distributed.run_on_full_model, setup.train_module, world)
+    with bad_input():
+        whole = setup.online.draw(setup.model, all_indices, positions, generate=run)
+    return whole.share(world.rank * share, (world.rank + 1) * share, cfg.num_generations, cfg.max_completion_length)
 
 
 def measure(setup: Setup, held_out: HeldOut) -> dict:
@@ -423,6 +519,11 @@ def measure(setup: Setup, held_out: HeldOut) -> dict:
 
     cfg, model = setup.cfg, setup.model
     with bf16_autocast(setup.world.device, cfg.bf16 and not cfg.fsdp):
+        if held_out.online is not None:  # prompts without candidates: the reward of the greedy answers
+            from rrhf_fast.online import greedy_reward
+
+            with bad_input():
+                return greedy_reward(model, held_out.online, batch_size=cfg.eval_batch_size)
         result = {"rank_acc": ranking_accuracy(
             model, held_out.examples, batch_size=cfg.eval_batch_size, mode=cfg.prefix_mode,
             loss_options=setup.loss_options, max_tokens=cfg.row_tokens, pad_token_id=setup.pad_id,
@@ -518,8 +619,8 @@ def plot_curves(metrics_path: str, png_path: str) -> None:
         axes[0].plot(steps, [r[key] for r in train], label=key)
     axes[0].set_title("training loss")
     nan = float("nan")  # null in the file: a batch without a pair
-    axes[1].plot(steps, [nan if r["rank_acc"] is None else r["rank_acc"] for r in train], label="train batch", alpha=0.6)
-    axes[1].plot([r["step"] for r in evals], [nan if r["rank_acc"] is None else r["rank_acc"] for r in evals], "o-", label=where)
+    axes[1].plot(steps, [nan if r.get("rank_acc") is None else r["rank_acc"] for r in train], label="train batch", alpha=0.6)
+    axes[1].plot([r["step"] for r in evals], [nan if r.get("rank_acc") is None else r["rank_acc"] for r in evals], "o-", label=where)
     axes[1].set_title("ranking accuracy")
     if any("reward" in r for r in evals):
         axes[2].plot([r["step"] for r in evals], [r.get("reward") for r in evals], "o-", label="greedy reward")
@@ -539,9 +640,20 @@ def plot_curves(metrics_path: str, png_path: str) -> None:
 # The run
 
 
-def main(argv=None) -> int:
+@dataclass
+class Given:
+    """What rrhf_fast.trainer.RRHFTrainer passes as objects rather than flags: a loaded model and tokenizer (instead
+    of --model's directory) and reward functions (callables, or reward-model paths, instead of --reward)."""
+
+    model: object | None = None
+    tokenizer: object | None = None
+    reward_funcs: list | None = None
+
+
+def main(argv=None, given: Given | None = None) -> int:
     t_start = time.time()
     cfg = config.resolve(argv)
+    given = given or Given()
     with bad_input():
         loading.device(cfg.device)  # --device cuda without CUDA, --device foo: one line, before anything starts
         world = distributed.init(cfg.device, fsdp=cfg.fsdp, timeout_s=cfg.ddp_timeout)
@@ -562,19 +674,37 @@ def main(argv=None) -> int:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     texts = read_data(cfg, world)
-    model, tokenizer = load_model(cfg, resume_from, world)
-    train_data, held_out = tokenize_data(texts, tokenizer, cfg, world)
+    if given.model is not None:  # a loaded model (rrhf_fast.trainer), trained in place; a checkpoint's weights into it
+        model, tokenizer = given.model, given.tokenizer
+        if resume_from is not None and not cfg.lora_r and not cfg.fsdp:  # (an adapter comes back in wrap_model)
+            from safetensors.torch import load_file
+
+            shards = sorted(f for f in os.listdir(resume_from) if f.endswith(".safetensors"))
+            model.load_state_dict({k: v for f in shards for k, v in load_file(os.path.join(resume_from, f)).items()}, strict=False)
+    else:
+        model, tokenizer = load_model(cfg, resume_from, world)
+    if texts.online:  # the prompts to sample from, and the rewards
+        rewards = load_rewards(cfg, world, given.reward_funcs) if given.reward_funcs is not None else None
+        source, held_out = tokenize_prompts(texts, model, tokenizer, cfg, world, rewards)
+        train_data = list(range(len(source)))  # the loop deals prompt indices; the source makes their groups
+    else:
+        source, (train_data, held_out) = None, tokenize_data(texts, tokenizer, cfg, world)
     del texts  # the text of the whole set: the loop needs only its tokens (and held_out's queries)
     micro_per_epoch = micro_batches_per_epoch(len(train_data), cfg, world)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # the probe's batch: rank 0's share of the first micro-batch, the same on every rank, so that all plan alike
-    first = micro_batch(train_data, batch_indices(cfg, world, micro_per_epoch, 0, len(train_data), rank=0), cfg, pad_id, "cpu")
+    first_indices = batch_indices(cfg, world, micro_per_epoch, 0, len(train_data), rank=0)
+    if source is None:
+        first = micro_batch(train_data, first_indices, cfg, pad_id, "cpu")
+    else:  # no sampling before the model is wrapped: candidates cut from the prompts' real tokens
+        first = pack_examples(source.probe_groups(first_indices), max_tokens=cfg.row_tokens, pad_token_id=pad_id)
     model, train_module, loss_options, (plan, probe_s) = wrap_model(model, cfg, resume_from, world, first)
     cfg.max_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * micro_per_epoch / cfg.grad_accum))
     if world.is_main:
         checkpoint.save_json(asdict(cfg), os.path.join(out, "train_config.json"))
     optimizer, scheduler = make_optimizer(model, cfg, cfg.max_steps)
-    setup = Setup(cfg, world, model, tokenizer, train_module, optimizer, scheduler, loss_options, pad_id, micro_per_epoch)
+    setup = Setup(cfg, world, model, tokenizer, train_module, optimizer, scheduler, loss_options, pad_id, micro_per_epoch,
+                  online=source)  # fmt: skip
 
     metrics_path = os.path.join(out, "metrics.jsonl")
     state = resume(setup, resume_from) if resume_from is not None else None
@@ -591,24 +721,35 @@ def main(argv=None) -> int:
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="rrhf", dynamic_ncols=True, disable=None if world.is_main else True)
     t_train, eval_seconds, tokens_this_run = time.time(), 0.0, 0
     t_log, tokens_log = time.time(), 0
+    sampling_seconds = 0.0  # online: sampling and scoring, the rest of the step being the model's forward and backward
     with StopSignals() as signals:
         while state.step < cfg.max_steps:
+            t_step = time.time()
             row, step_tokens = train_step(setup, state, train_data)
             step, tokens_this_run, tokens_log = state.step, tokens_this_run + step_tokens, tokens_log + step_tokens
+            if "generation_s" in row:
+                row["train_s"] = time.time() - t_step - row["generation_s"] - row["reward_s"]
+                sampling_seconds += row["generation_s"] + row["reward_s"]
             if (step % cfg.log_every == 0 or step == cfg.max_steps) and world.is_main:
                 tps = tokens_log / max(time.time() - t_log, 1e-9)
                 log_row(setup, dict(type="train", step=step, **row, tokens_per_s=tps, peak_mem_mb=peak_memory_mb(device),
                                     epoch=state.data_position / micro_per_epoch))  # fmt: skip
-                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rank_acc']:.2f}", tok_s=f"{tps:.0f}")
+                shown = dict(loss=f"{row['loss']:.3f}", acc=f"{row['rank_acc']:.2f}", tok_s=f"{tps:.0f}")
+                if "reward" in row:
+                    shown.update(reward=f"{row['reward']:.3f}", zero_std=f"{row['frac_reward_zero_std']:.2f}",
+                                 gen_s=f"{row['generation_s']:.1f}", train_s=f"{row['train_s']:.1f}")  # fmt: skip
+                bar.set_postfix(**shown)
                 if bar.disable:  # no terminal (a log file, a pipe): a plain line instead of the bar
-                    print(f"step {step}/{cfg.max_steps} loss {row['loss']:.4f} rank_acc {row['rank_acc']:.3f} tokens/s {tps:.0f}", file=sys.stderr)
+                    print(f"step {step}/{cfg.max_steps} " + " ".join(f"{k} {v}" for k, v in shown.items()), file=sys.stderr)
                 t_log, tokens_log = time.time(), 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 result, seconds = evaluate(setup, held_out, step)
                 eval_seconds += seconds
                 if world.is_main:
                     bar.write(f"step {step}: {checkpoint.json_line(result)}")
-            saved = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps)
+            out_of_time = cfg.max_train_seconds is not None and step < cfg.max_steps and any(distributed.sum_over_ranks(
+                [time.time() - t_train - eval_seconds >= cfg.max_train_seconds], world))  # fmt: skip  every rank stops alike
+            saved = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps or out_of_time)
             if saved:
                 save_checkpoint(setup, state)
             bar.update(1)
@@ -620,6 +761,9 @@ def main(argv=None) -> int:
                 say(world, f"{PROG}: stopped by {signal.Signals(stopped_by).name} after step {step}: {path} written; "
                            f"--resume continues from it")  # fmt: skip
                 return 128 + stopped_by
+            if out_of_time:
+                say(world, f"{PROG}: --max-train-seconds {cfg.max_train_seconds:g} reached after step {step} of {cfg.max_steps}")
+                break
     bar.close()
     train_wall = time.time() - t_train - eval_seconds
 
@@ -643,6 +787,9 @@ def main(argv=None) -> int:
         "peak_mem_mb": peak_memory_mb(device), "device": str(device), "resumed_from": resume_from, "processes": world.size,
         "prefix_mode": plan and plan.mode, "head": plan and plan.head, "probe_s": probe_s,
     }  # fmt: skip
+    if source is not None:  # online: how the training time of this run split between sampling and the model's step
+        summary.update(prompts=state.data_position * cfg.batch_size * world.size, sampling_s=sampling_seconds,
+                       update_s=train_wall - sampling_seconds)  # fmt: skip
     checkpoint.save_json(summary, os.path.join(out, "summary.json"))
     say(world, f"wrote {out}/final, summary.json, metrics.jsonl, curves.png in {summary['wall_s']:.1f} s")
     return 0
