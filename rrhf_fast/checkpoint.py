@@ -257,6 +257,23 @@ def check_resumable(checkpoint: str, world) -> None:
         raise ValueError(f"{checkpoint} was written {'with' if fsdp else 'without'} --fsdp: resume {'with' if fsdp else 'without'} it")
 
 
+def load_weights(model, checkpoint: str) -> None:
+    """A checkpoint's safetensors weights into a model already in memory (one handed to rrhf_fast.trainer). A tied
+    weight is saved once, so a key may be missing where its tensor shares storage with one that was loaded; any other
+    missing or unexpected key means the checkpoint is of another model, a ValueError, never a partial load."""
+    from safetensors.torch import load_file
+
+    shards = sorted(f for f in os.listdir(checkpoint) if f.endswith(".safetensors"))
+    weights = {k: v for f in shards for k, v in load_file(os.path.join(checkpoint, f)).items()}
+    result = model.load_state_dict(weights, strict=False)
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in weights if k in own}
+    wrong = list(result.unexpected_keys) + [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
+    if wrong:
+        raise ValueError(f"{checkpoint}: its weights do not fit the model given ({', '.join(wrong[:3])}, ...): resume "
+                         "with the model the run started from")  # fmt: skip
+
+
 def load(checkpoint: str, *, train_module, optimizer, scheduler, world) -> LoopState:
     """Restore the optimizer, the schedule and this rank's RNG states; the loop state to continue from. Under
     FSDP2 the trained weights too (each rank reads its shard); otherwise the model's weights, or the adapter's,

@@ -677,10 +677,8 @@ def main(argv=None, given: Given | None = None) -> int:
     if given.model is not None:  # a loaded model (rrhf_fast.trainer), trained in place; a checkpoint's weights into it
         model, tokenizer = given.model, given.tokenizer
         if resume_from is not None and not cfg.lora_r and not cfg.fsdp:  # (an adapter comes back in wrap_model)
-            from safetensors.torch import load_file
-
-            shards = sorted(f for f in os.listdir(resume_from) if f.endswith(".safetensors"))
-            model.load_state_dict({k: v for f in shards for k, v in load_file(os.path.join(resume_from, f)).items()}, strict=False)
+            with bad_input("--resume: "):
+                checkpoint.load_weights(model, resume_from)
     else:
         model, tokenizer = load_model(cfg, resume_from, world)
     if texts.online:  # the prompts to sample from, and the rewards

@@ -327,3 +327,28 @@ def test_fsdp_samples_the_whole_micro_batch_on_every_rank_and_equals_ddp(tiny_ll
     torchrun([*args, "--batch-size", "1", "--output-dir", "ddp"], tmp_path)
     torchrun([*args, "--batch-size", "1", "--output-dir", "fsdp", "--fsdp"], tmp_path)
     assert_same_training(rows(tmp_path / "fsdp"), rows(tmp_path / "ddp"), rel=1e-5)
+
+
+def test_a_checkpoints_weights_load_into_a_given_model_whole_or_not_at_all(tmp_path):
+    """checkpoint.load_weights, the trainer's resume into a model it was handed: a tied head saved once loads, equal
+    to the saved model; a checkpoint lacking a key the model has, or holding one it lacks, is a ValueError, never a partial
+    load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rrhf_fast import checkpoint
+
+    def tiny(seed, **kw):
+        torch.manual_seed(seed)
+        options = dict(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, tie_word_embeddings=True) | kw  # fmt: skip
+        return LlamaForCausalLM(LlamaConfig(**options))
+
+    saved, into = tiny(0), tiny(1)
+    saved.save_pretrained(tmp_path / "ckpt")
+    checkpoint.load_weights(into, str(tmp_path / "ckpt"))
+    ids = torch.randint(0, 37, (1, 7))
+    assert torch.equal(into(ids).logits, saved(ids).logits)
+    with pytest.raises(ValueError, match="do not fit"):
+        checkpoint.load_weights(tiny(2, tie_word_embeddings=False), str(tmp_path / "ckpt"))  # lm_head.weight missing
+    with pytest.raises(ValueError, match="do not fit"):
+        checkpoint.load_weights(tiny(3, num_hidden_layers=1), str(tmp_path / "ckpt"))  # layers.1 unexpected
